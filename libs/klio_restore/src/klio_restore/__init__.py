@@ -1,0 +1,1 @@
+"""klio_restore."""
