@@ -1,0 +1,1 @@
+"""The Tier-1 catalog: WAL archive now, base backups later."""

@@ -1,0 +1,340 @@
+"""A physical replication connection over ``psycopg.pq`` in non-blocking mode on asyncio.
+
+Every libpq call here is non-blocking (pitfall P1: a blocking call holds the GIL and freezes the
+process): connecting uses ``connect_start``/``connect_poll``, commands use ``send_query`` and
+``consume_input`` while the socket is readable, and COPY data is drained with ``get_copy_data(1)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import pq
+from psycopg.conninfo import make_conninfo
+from psycopg.pq.abc import PGconn, PGresult
+
+from klio_common.errors import KlioError, Permanent, Retryable, UnsupportedServer
+from klio_common.pg.lsn import Lsn
+
+PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 in microseconds since the Unix epoch
+
+
+def pg_now_us() -> int:
+    """Microseconds since 2000-01-01 UTC, the replication protocol's clock."""
+    return time.time_ns() // 1000 - PG_EPOCH_US
+
+
+@dataclass(frozen=True)
+class XLogData:
+    """A 'w' message: WAL bytes starting at ``start``."""
+
+    start: int
+    wal_end: int
+    send_time: int
+    data: memoryview
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """A 'k' message."""
+
+    wal_end: int
+    send_time: int
+    reply_requested: bool
+
+
+class StreamEnded(Exception):
+    """The server ended the COPY (timeline end or shutdown); ``next_timeline`` for the former."""
+
+    def __init__(self, next_timeline: int | None, next_start: int | None) -> None:
+        super().__init__(f"stream ended (next timeline {next_timeline})")
+        self.next_timeline = next_timeline
+        self.next_start = next_start
+
+
+class ServerError(Retryable):
+    """An error reported by the server; ``sqlstate`` and the raw message are kept."""
+
+    def __init__(self, message: str, sqlstate: str | None, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.sqlstate = sqlstate
+
+
+def _result_error(res: PGresult, what: str) -> ServerError:
+    msg = (res.error_message or b"").decode(errors="replace").strip()
+    state = res.error_field(pq.DiagnosticField.SQLSTATE)
+    return ServerError(f"{what} failed: {msg}", state.decode() if state else None)
+
+
+def classify_connect_error(message: str, where: str) -> KlioError:
+    """Turn a libpq connection failure into an error that names the problem and a hint."""
+    text = message.strip()
+    low = text.lower()
+    if "must be superuser or replication role" in low or "permission denied to start wal" in low:
+        return Permanent(
+            f"cannot stream WAL from {where}: the role lacks the REPLICATION attribute ({text})",
+            hint="ALTER ROLE <user> REPLICATION; or use a role that has it",
+        )
+    if "exceeds max_wal_senders (currently 0)" in low or "wal_level" in low:
+        return UnsupportedServer(
+            f"cannot stream WAL from {where}: the server does not allow replication ({text})",
+            hint="set wal_level = replica (or logical) and max_wal_senders > 0, then restart "
+            "PostgreSQL",
+        )
+    if "no pg_hba.conf entry for replication" in low:
+        return Permanent(
+            f"cannot stream WAL from {where}: pg_hba.conf has no replication entry ({text})",
+            hint="add a 'host replication <user> <address> scram-sha-256' line and reload",
+        )
+    if "password authentication failed" in low:
+        return Permanent(
+            f"cannot connect to {where}: password authentication failed",
+            hint="check password_file and the role's password",
+        )
+    return Retryable(
+        f"cannot connect to {where}: {text}",
+        hint="check that PostgreSQL is running and the conninfo is right; retrying",
+    )
+
+
+class ReplicationConnection:
+    """One ``replication=true`` connection; commands and COPY_BOTH streaming."""
+
+    def __init__(self, conn: PGconn, where: str) -> None:
+        self.conn = conn
+        self.where = where
+        self._loop = asyncio.get_running_loop()
+
+    @classmethod
+    async def connect(
+        cls, conninfo: str, *, application_name: str, password: str | None, timeout: float = 10.0
+    ) -> ReplicationConnection:
+        """Connect without blocking the event loop.
+
+        Raises:
+            Permanent: wrong role, password or pg_hba; UnsupportedServer: replication disabled.
+            Retryable: the server is unreachable.
+        """
+        params: dict[str, str] = {"replication": "true", "application_name": application_name}
+        if password is not None:
+            params["password"] = password
+        params.setdefault("connect_timeout", str(max(1, int(timeout))))
+        full = make_conninfo(conninfo, **params)
+        conn = pq.PGconn.connect_start(full.encode())
+        where = _describe(conn)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while True:
+                status = conn.connect_poll()
+                if status == pq.PollingStatus.OK:
+                    break
+                if status == pq.PollingStatus.FAILED:
+                    raise classify_connect_error(conn.error_message.decode(errors="replace"), where)
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise Retryable(
+                        f"cannot connect to {where}: timed out after {timeout:.0f} s",
+                        hint="check that PostgreSQL is reachable from here; retrying",
+                    )
+                await _wait_fd(conn.socket, status == pq.PollingStatus.WRITING, remaining)
+        except BaseException:
+            conn.finish()
+            raise
+        conn.nonblocking = 1
+        return cls(conn, where)
+
+    @property
+    def server_version(self) -> int:
+        """server_version_num of the peer."""
+        return int(self.conn.server_version)
+
+    def parameter(self, name: str) -> str | None:
+        """A parameter reported by the server at startup (e.g. ``server_version``)."""
+        value = self.conn.parameter_status(name.encode())
+        return value.decode() if value is not None else None
+
+    def close(self) -> None:
+        """Close the socket (no goodbye needed for a replication connection)."""
+        self.conn.finish()
+
+    async def _flush(self) -> None:
+        while self.conn.flush() == 1:
+            await _wait_fd(self.conn.socket, True, None)
+
+    async def _next_result(self) -> PGresult | None:
+        while True:
+            try:
+                self.conn.consume_input()
+            except psycopg.OperationalError as exc:
+                raise Retryable(
+                    f"connection to {self.where} lost: {str(exc).strip()}",
+                    hint="retrying with backoff",
+                ) from exc
+            if not self.conn.is_busy():
+                return self.conn.get_result()
+            await _wait_fd(self.conn.socket, False, None)
+
+    async def command(self, sql: str) -> list[list[str | None]]:
+        """Run a replication command; return its rows as text (the last result set's)."""
+        self.conn.send_query(sql.encode())
+        await self._flush()
+        rows: list[list[str | None]] = []
+        error: ServerError | None = None
+        while (res := await self._next_result()) is not None:
+            status = pq.ExecStatus(res.status)
+            if status == pq.ExecStatus.TUPLES_OK:
+                rows = [
+                    [
+                        None if (v := res.get_value(r, c)) is None else v.decode()
+                        for c in range(res.nfields)
+                    ]
+                    for r in range(res.ntuples)
+                ]
+            elif status != pq.ExecStatus.COMMAND_OK and error is None:
+                error = _result_error(res, sql.split()[0])
+        if error is not None:
+            raise error
+        return rows
+
+    async def start_replication(self, slot: str | None, start: int, timeline: int) -> None:
+        """Send START_REPLICATION and wait for COPY_BOTH (some errors arrive later, P8)."""
+        slot_part = f"SLOT {slot} " if slot else ""
+        sql = f"START_REPLICATION {slot_part}PHYSICAL {Lsn(start)} TIMELINE {timeline}"
+        self.conn.send_query(sql.encode())
+        await self._flush()
+        res = await self._next_result()
+        if res is None:
+            raise ServerError("START_REPLICATION returned no result", None)
+        if pq.ExecStatus(res.status) != pq.ExecStatus.COPY_BOTH:
+            error = _result_error(res, "START_REPLICATION")
+            while await self._next_result() is not None:
+                pass
+            raise error
+
+    def read_message(self) -> XLogData | Keepalive | None:
+        """One buffered message, or None when nothing is buffered (then ``wait_readable``).
+
+        Raises:
+            StreamEnded: the server sent CopyDone (caller must ``finish_copy``).
+        """
+        try:
+            nbytes, buf = self.conn.get_copy_data(1)
+        except psycopg.OperationalError as exc:
+            raise Retryable(
+                f"replication stream from {self.where} broke: {str(exc).strip()}",
+                hint="retrying with backoff",
+            ) from exc
+        if nbytes == 0:
+            return None
+        if nbytes == -1:
+            raise StreamEnded(None, None)
+        if nbytes < 0:
+            raise Retryable(
+                f"replication stream from {self.where} broke: "
+                f"{self.conn.error_message.decode(errors='replace').strip()}"
+            )
+        mv = memoryview(buf)
+        kind = mv[0]
+        if kind == 0x77:  # 'w'
+            start, wal_end, send_time = struct.unpack_from("!QQq", mv, 1)
+            return XLogData(start, wal_end, send_time, mv[25:])
+        if kind == 0x6B:  # 'k'
+            wal_end, send_time, reply = struct.unpack_from("!QqB", mv, 1)
+            return Keepalive(wal_end, send_time, bool(reply))
+        return None  # unknown message types are ignored, as walreceiver does
+
+    async def wait_readable(
+        self, timeout: float | None, interrupt: asyncio.Future[object] | None = None
+    ) -> None:
+        """Wait for data, ``timeout`` or ``interrupt``; then read what arrived."""
+        try:
+            await _wait_fd(self.conn.socket, False, timeout, interrupt)
+        except TimeoutError:
+            return
+        try:
+            self.conn.consume_input()
+        except psycopg.OperationalError as exc:
+            raise Retryable(
+                f"replication connection to {self.where} lost: {str(exc).strip()}",
+                hint="retrying with backoff",
+            ) from exc
+
+    async def send_status(self, write: int, flush: int, reply: bool = False) -> None:
+        """Send a standby status update ('r'): write/flush positions, apply unknown (0)."""
+        msg = b"r" + struct.pack("!QQQqB", write, flush, 0, pg_now_us(), 1 if reply else 0)
+        if self.conn.put_copy_data(msg) != 1:
+            raise Retryable(
+                f"cannot send status to {self.where}: "
+                f"{self.conn.error_message.decode(errors='replace').strip()}"
+            )
+        await self._flush()
+
+    async def finish_copy(self) -> StreamEnded:
+        """Answer the server's CopyDone and read what follows (next timeline, P6)."""
+        self.conn.put_copy_end()
+        await self._flush()
+        next_tli: int | None = None
+        next_start: int | None = None
+        error: ServerError | None = None
+        while (res := await self._next_result()) is not None:
+            status = pq.ExecStatus(res.status)
+            if status == pq.ExecStatus.TUPLES_OK and res.ntuples == 1 and res.nfields >= 2:
+                tli_raw, pos_raw = res.get_value(0, 0), res.get_value(0, 1)
+                if tli_raw is not None and pos_raw is not None:
+                    next_tli = int(tli_raw.decode())
+                    next_start = int(Lsn.parse(pos_raw.decode()))
+            elif status == pq.ExecStatus.COPY_OUT or status == pq.ExecStatus.COPY_BOTH:
+                continue
+            elif status == pq.ExecStatus.FATAL_ERROR and error is None:
+                error = _result_error(res, "replication")
+        if error is not None:
+            raise error
+        return StreamEnded(next_tli, next_start)
+
+
+def _describe(conn: PGconn) -> str:
+    try:
+        host = (conn.host or b"").decode() or "localhost"
+        port = (conn.port or b"").decode() or "5432"
+    except Exception:  # pragma: no cover - libpq always reports host/port after connect_start
+        return "PostgreSQL"
+    return f"PostgreSQL at {host}:{port}"
+
+
+async def _wait_fd(
+    fd: int, write: bool, timeout: float | None, interrupt: asyncio.Future[object] | None = None
+) -> None:
+    """Wait until ``fd`` is readable (or writable) or ``interrupt`` is done.
+
+    Raises:
+        TimeoutError: nothing happened within ``timeout``.
+    """
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    if write:
+        loop.add_writer(fd, ready)
+    else:
+        loop.add_reader(fd, ready)
+    try:
+        waiters: set[asyncio.Future[object]] = {fut}  # type: ignore[arg-type]
+        if interrupt is not None:
+            waiters.add(interrupt)
+        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            raise TimeoutError
+    finally:
+        fut.cancel()
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)

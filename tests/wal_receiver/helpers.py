@@ -1,0 +1,257 @@
+"""Running the wal-receiver against the real servers, and reading back what it archived."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+from klio_dev.waiting import wait_until
+
+from klio_common.catalog.wal import WalArchive
+from klio_common.crypto import KeyRing
+from klio_common.objects import read_partial
+from klio_common.pg.lsn import Lsn
+from klio_common.runtime.settings import Settings
+
+VENV_BIN = Path(sys.executable).parent
+KLIO = VENV_BIN / "klio"
+
+
+def write_config(
+    path: Path,
+    *,
+    pg: Any,
+    nats_url: str,
+    tier1: Path,
+    keys: dict[str, Path] | None,
+    synchronous: bool = False,
+    status_interval: float = 1.0,
+    compression: str = "zstd",
+    cluster: str = "main",
+    conninfo: str | None = None,
+    password_file: Path | None = None,
+    http_port: int = 0,
+) -> Path:
+    """Write a Klio YAML configuration for one cluster and return its path."""
+    doc: dict[str, Any] = {
+        "nats": {"url": nats_url},
+        "tier1": {"path": str(tier1)},
+        "compression": {"algorithm": compression, "level": 3},
+        "clusters": [
+            {
+                "name": cluster,
+                "conninfo": conninfo or pg.conninfo(include_password=False),
+                "password_file": str(password_file or pg.password_file),
+                "slot": "klio",
+                "synchronous": synchronous,
+                "status_interval": status_interval,
+            }
+        ],
+        "services": {"wal-receiver": {"http_port": http_port, "http_host": "127.0.0.1"}},
+    }
+    if keys:
+        doc["encryption"] = {
+            "active": next(iter(keys)),
+            "keys": {k: str(v) for k, v in keys.items()},
+        }
+    path.write_text(yaml.safe_dump(doc))
+    path.chmod(0o644)
+    return path
+
+
+def load(config: Path) -> Settings:
+    return Settings.load(config, {})
+
+
+def archive_of(settings: Settings, cluster: str = "main") -> WalArchive:
+    assert settings.tier1 is not None
+    return WalArchive(settings.tier1.path, cluster)
+
+
+def keyring_of(settings: Settings) -> KeyRing:
+    return settings.encryption.keyring() if settings.encryption else KeyRing.none()
+
+
+def archive_end(settings: Settings, cluster: str = "main") -> int:
+    """The LSN up to which the archive holds WAL durably (complete segments + open partial)."""
+    archive = archive_of(settings, cluster)
+    seg_size = archive.segment_size()
+    end = 0
+    segs = archive.list_segments(seg_size)
+    if segs:
+        end = int(segs[-1].end_lsn)
+    if archive.open_dir.is_dir():
+        for p in archive.open_dir.glob("*.partial"):
+            _, _, valid = read_partial(p, keyring_of(settings), source=str(p))
+            from klio_common.pg.walname import WalSegment
+
+            seg = WalSegment.parse(p.name.removesuffix(".partial"), seg_size)
+            end = max(end, int(seg.start_lsn) + valid)
+    return end
+
+
+@contextmanager
+def receiver_inprocess(settings: Settings) -> Iterator[None]:
+    """Run the real wal-receiver service in this process (on its own thread and event loop).
+
+    The test body stays synchronous (pgbench, psql, polling) while the service streams.
+    """
+    from klio_common.runtime.lifecycle import serve
+    from klio_wal_receiver.service import SERVICE, main
+
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    result: list[int] = []
+
+    async def body() -> None:
+        result.append(
+            await serve(
+                lambda s, h: main(settings, s, h),
+                name=SERVICE,
+                settings=settings.service(SERVICE),
+                stop=stop,
+            )
+        )
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(body(),), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(60)
+        loop.close()
+    assert not thread.is_alive(), "the wal-receiver did not stop within 60 s"
+    assert result == [0], f"the wal-receiver exited with {result}"
+
+
+class ReceiverProcess:
+    """The real ``klio-wal-receiver`` as a separate process (for kill -9 and SIGSTOP tests)."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "klio-wal-receiver"), "--config", str(self.config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "KLIO_LOG_FORMAT": "text"},
+        )
+        out.close()
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        assert self.proc is not None
+        self.proc.wait(30)
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGCONT)
+        self.proc.terminate()
+        return self.proc.wait(60)
+
+
+def wait_archived(
+    settings: Settings, lsn: int, *, timeout: float = 60, cluster: str = "main"
+) -> None:
+    """Wait until the archive durably holds WAL up to ``lsn``."""
+    wait_until(
+        lambda: archive_end(settings, cluster) >= lsn, timeout, f"archive to reach {Lsn(lsn)}"
+    )
+
+
+def wait_segment(
+    settings: Settings, name: str, *, timeout: float = 60, cluster: str = "main"
+) -> None:
+    """Wait until segment ``name`` is closed in the archive."""
+    archive = archive_of(settings, cluster)
+    wait_until(lambda: archive.segment_path(name).exists(), timeout, f"segment {name} archived")
+
+
+def wal_restore(
+    config: Path, name: str, dest: Path, *, as_postgres: bool = False
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``klio wal-restore`` as PostgreSQL would."""
+    argv = [str(KLIO), "--config", str(config), "wal-restore", name, str(dest)]
+    if as_postgres and os.geteuid() == 0:
+        argv = ["runuser", "-u", "postgres", "--", *argv]
+    return subprocess.run(argv, capture_output=True, timeout=60, check=False)
+
+
+def restored_server(
+    workdir: Path,
+    backup: Path,
+    *,
+    restore_command: str,
+    settings: dict[str, Any] | None = None,
+    name: str = "restored",
+) -> Any:
+    """A PostgreSQL made from a plain base backup that recovers through ``restore_command``."""
+    import shutil
+
+    from klio_dev import PostgresServer
+    from klio_dev.postgres import run_as_postgres
+
+    server = PostgresServer(
+        workdir,
+        name=name,
+        settings={
+            "restore_command": restore_command,
+            "recovery_target_action": "promote",
+            **(settings or {}),
+        },
+    )
+    server._prepare_root()
+    shutil.move(str(backup), str(server.data_dir))
+    server._write_config()
+    run_as_postgres(["touch", str(server.data_dir / "recovery.signal")])
+    server._write_password_file()
+    return server
+
+
+def announced(nats_url: str, subject: str) -> list[str]:
+    """The ``segment`` of every event stored in the stream on ``subject`` (oldest first)."""
+    import msgspec
+    import nats
+    from nats.js.api import ConsumerConfig, DeliverPolicy
+
+    async def read() -> list[str]:
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            sub = await js.subscribe(
+                subject,
+                ordered_consumer=True,
+                config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+            )
+            found: list[str] = []
+            try:
+                while True:
+                    msg = await sub.next_msg(timeout=1)
+                    found.append(msgspec.json.decode(msg.data)["segment"])
+            except TimeoutError:
+                return found
+            finally:
+                await sub.unsubscribe()
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())

@@ -1,0 +1,165 @@
+"""Synchronous standby behaviour, and following a promoted standby onto timeline 2."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from klio_dev.waiting import wait_until
+from tests.wal_receiver.helpers import (
+    KLIO,
+    ReceiverProcess,
+    archive_end,
+    archive_of,
+    load,
+    receiver_inprocess,
+    restored_server,
+    wait_archived,
+    write_config,
+)
+
+from klio_common.pg.lsn import Lsn
+
+
+def test_synchronous_commit_waits_for_the_archive(
+    pg: Any, nats_server: Any, tier1_dir: Path, keyring_files: dict[str, Path], workdir: Path
+) -> None:
+    config = write_config(
+        workdir / "klio.yaml",
+        pg=pg,
+        nats_url=nats_server.url,
+        tier1=tier1_dir,
+        keys=keyring_files,
+        synchronous=True,
+    )
+    settings = load(config)
+    proc = ReceiverProcess(config, workdir / "receiver.log")
+    proc.start()
+    try:
+        wait_until(
+            lambda: (
+                pg.sql(
+                    "SELECT count(*) FROM pg_stat_replication "
+                    "WHERE application_name = 'klio' AND state = 'streaming'"
+                )[0][0]
+                == 1
+            ),
+            60,
+            "the receiver streaming",
+        )
+        pg.set_config(synchronous_standby_names="klio")
+        wait_until(
+            lambda: (
+                pg.sql(
+                    "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'klio'"
+                )[0][0]
+                == "sync"
+            ),
+            30,
+            "klio to be the synchronous standby",
+        )
+        pg.execute("CREATE TABLE t (v int)")
+        proc.signal(signal.SIGSTOP)
+        done = threading.Event()
+        commit_lsn: list[int] = []
+
+        def commit() -> None:
+            with psycopg.connect(pg.superuser_conninfo(), autocommit=True) as conn:
+                conn.execute("INSERT INTO t VALUES (42)")
+                row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+                assert row is not None
+                commit_lsn.append(int(Lsn.parse(row[0])))
+            done.set()
+
+        worker = threading.Thread(target=commit)
+        worker.start()
+        # the COMMIT is waiting for the receiver's flush: visible as a SyncRep wait, not a guess
+        wait_until(
+            lambda: (
+                pg.sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'")[0][0]
+                == 1
+            ),
+            30,
+            "a SyncRep wait",
+        )
+        assert not done.is_set()
+        proc.signal(signal.SIGCONT)
+        worker.join(60)
+        assert done.is_set()
+        wait_archived(settings, commit_lsn[0] - 200, timeout=10)
+        # the row's WAL is durable in the archive before the COMMIT returned
+        assert archive_end(settings) >= commit_lsn[0] - 200
+    finally:
+        pg.set_config(synchronous_standby_names="")
+        proc.stop()
+
+
+def test_follows_promoted_standby_onto_timeline_2(
+    pg: Any,
+    pg_factory: Any,
+    nats_server: Any,
+    tier1_dir: Path,
+    keyring_files: dict[str, Path],
+    workdir: Path,
+) -> None:
+    standby = pg.make_standby("standby")
+    backup = workdir / "backup"
+    pg.run_as_postgres(
+        [
+            "pg_basebackup",
+            "-X",
+            "none",
+            "-c",
+            "fast",
+            "-D",
+            str(backup),
+            "-d",
+            pg.superuser_conninfo(),
+        ]
+    )
+    config = write_config(
+        workdir / "klio.yaml", pg=pg, nats_url=nats_server.url, tier1=tier1_dir, keys=keyring_files
+    )
+    settings = load(config)
+    with receiver_inprocess(settings):
+        pg.execute("CREATE TABLE marker (id int, tli int)")
+        pg.execute("INSERT INTO marker SELECT g, 1 FROM generate_series(1, 100) g")
+        end = pg.current_lsn()
+        pg.switch_wal()
+        wait_archived(settings, end)
+    pg.stop()
+    standby.promote()
+    standby.execute("SELECT pg_create_physical_replication_slot('klio', true)")
+    config2 = write_config(
+        workdir / "klio2.yaml",
+        pg=standby,
+        nats_url=nats_server.url,
+        tier1=tier1_dir,
+        keys=keyring_files,
+    )
+    settings2 = load(config2)
+    with receiver_inprocess(settings2):
+        standby.execute("INSERT INTO marker SELECT g, 2 FROM generate_series(101, 200) g")
+        end2 = standby.current_lsn()
+        standby.switch_wal()
+        wait_archived(settings2, end2)
+    archive = archive_of(settings2)
+    assert 2 in archive.list_history()
+    assert any(s.timeline == 2 for s in archive.list_segments())
+    verify = subprocess.run(
+        [str(KLIO), "--config", str(config2), "wal", "verify"], capture_output=True, check=False
+    )
+    assert verify.returncode == 0, verify.stdout.decode() + verify.stderr.decode()
+    restored = restored_server(
+        workdir,
+        backup,
+        restore_command=f"{KLIO} --config {config2} wal-restore %f %p",
+        settings={"recovery_target_timeline": "latest"},
+    )
+    restored.start()
+    wait_until(lambda: restored.sql("SELECT NOT pg_is_in_recovery()")[0][0], 120, "promotion")
+    assert restored.sql("SELECT count(*), max(tli) FROM marker")[0] == (200, 2)
