@@ -220,7 +220,7 @@ def test_postgres_password_is_a_mounted_file(service: str) -> None:
 
 
 @pytest.mark.parametrize("service", SERVICES)
-def test_pod_is_non_root_and_outlives_the_runtime_grace(service: str) -> None:
+def test_pod_security_and_grace_period(service: str) -> None:
     spec = pod_spec(service)
     assert spec["terminationGracePeriodSeconds"] > RUNTIME_HARD_EXIT_GRACE
     pod_ctx = spec.get("securityContext", {})
@@ -229,6 +229,17 @@ def test_pod_is_non_root_and_outlives_the_runtime_grace(service: str) -> None:
     assert ctx.get("runAsUser", 0) != 0
     assert ctx.get("allowPrivilegeEscalation") is False
     assert spec.get("automountServiceAccountToken") is False
+    assert spec.get("enableServiceLinks") is False
+
+
+def test_configmap_is_a_valid_klio_configuration(tmp_path: Path) -> None:
+    from klio_common.runtime.settings import Settings
+
+    path = tmp_path / "klio.yaml"
+    path.write_text(find("ConfigMap", "klio-config")["data"]["klio.yaml"])
+    settings = Settings.load(path, {})
+    assert {name: s.http_port for name, s in settings.services.items()} == SERVICES
+    assert settings.warnings == []  # encryption is on in the shipped configuration
 
 
 def test_helm_values_name_the_four_services() -> None:
@@ -254,3 +265,16 @@ def test_helm_templates_are_balanced_and_probe_the_health_paths() -> None:
     deployment = (CHART / "templates" / "deployment.yaml").read_text()
     for needle in ("path: /livez", "path: /readyz", "range $name, $svc := .Values.services"):
         assert needle in deployment
+
+
+def test_helm_values_only_pass_known_configuration_keys() -> None:
+    import msgspec
+
+    from klio_common.runtime.settings import ClusterSettings, Settings
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    chart_only = {"passwordSecret", "caSecret"}
+    cluster_keys = {f.name for f in msgspec.structs.fields(ClusterSettings)}
+    for cluster in values["clusters"]:
+        assert set(cluster) - chart_only <= cluster_keys
+    assert set(values["config"]) <= set(Settings.__struct_fields__)
