@@ -1,1 +1,1 @@
-"""klio_cli."""
+"""The ``klio`` command: argument parsing and output over the klio_restore read path."""
