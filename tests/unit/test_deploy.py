@@ -16,8 +16,9 @@ CHART = DEPLOY / "helm" / "klio"
 
 # The services and their default health/metrics ports (the user contract in architecture.md).
 SERVICES = {"wal-receiver": 9471, "basebackup": 9472, "relay": 9473, "retention": 9474}
-# The runtime drains for 20 s after SIGTERM, then exits hard; Kubernetes must wait longer.
-RUNTIME_HARD_EXIT_GRACE = 20
+# After SIGTERM the runtime gives a service 20 s to stop and exits hard 10 s later
+# (klio_common.runtime.lifecycle); Kubernetes must wait longer than that.
+RUNTIME_HARD_EXIT_GRACE = 30
 
 Doc = dict[str, Any]
 
