@@ -1,0 +1,1 @@
+"""How every Klio service lives: settings, NATS bus, outbox, lifecycle, health, metrics, logs."""

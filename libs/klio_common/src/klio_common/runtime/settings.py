@@ -1,0 +1,515 @@
+"""Klio settings: a YAML file overridden by ``KLIO_*`` variables, every problem reported at once."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+import yaml
+
+from klio_common.errors import ConfigError, NotFound
+
+if TYPE_CHECKING:
+    from klio_common.crypto import KeyRing
+
+Problems = Iterator[tuple[str, str]]
+"""(key, message) pairs from a group's own checks; key is relative to the group."""
+
+SERVICE_PORTS: dict[str, int] = {
+    "wal-receiver": 9471,
+    "basebackup": 9472,
+    "relay": 9473,
+    "retention": 9474,
+}
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_SLOT = re.compile(r"[a-z0-9_]{1,63}")
+_CONNINFO_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+_URI_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*(@)")
+
+
+def mask_conninfo(conninfo: str) -> str:
+    """Return ``conninfo`` with any password replaced by ``***`` (key=value and URI forms)."""
+    masked = _CONNINFO_PASSWORD.sub(r"\1***", conninfo)
+    return _URI_PASSWORD.sub(r"\1***\2", masked)
+
+
+class NatsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How to reach NATS (``nats:``)."""
+
+    url: str = "nats://127.0.0.1:4222"
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    creds_file: Path | None = None
+    connect_timeout: float = 5.0
+
+    def _problems(self) -> Problems:
+        if not self.url.startswith(("nats://", "tls://", "ws://", "wss://")):
+            yield "url", f"expected a nats:// or tls:// URL, got {self.url!r}"
+        if self.connect_timeout <= 0:
+            yield "connect_timeout", "must be greater than 0"
+        if (self.tls_cert is None) != (self.tls_key is None):
+            yield "tls_cert", "tls_cert and tls_key must be given together"
+
+
+class Tier1Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The Tier-1 volume (``tier1:``); modes are octal (``0640`` or ``"0o640"``)."""
+
+    path: Path
+    file_mode: int = 0o640
+    dir_mode: int = 0o750
+
+    def _problems(self) -> Problems:
+        if not self.path.is_absolute():
+            yield "path", f"must be an absolute path, got '{self.path}'"
+        # Directories may carry setgid so files inherit the group the PostgreSQL user reads with.
+        for key, mode, allowed in (
+            ("file_mode", self.file_mode, 0o777),
+            ("dir_mode", self.dir_mode, 0o2777),
+        ):
+            if mode < 0 or mode & ~allowed:
+                yield key, f"expected permission bits such as 0640, got {mode:#o}"
+
+
+class S3Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The Tier-2 bucket (``tier2.s3:``); credentials come from the AWS chain, never from here."""
+
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    verify_tls: bool = True
+    ca_bundle: Path | None = None
+
+    def _problems(self) -> Problems:
+        if not self.bucket:
+            yield "bucket", "must not be empty"
+        if self.endpoint_url is not None and not self.endpoint_url.startswith(
+            ("http://", "https://")
+        ):
+            yield "endpoint_url", f"expected an http:// or https:// URL, got {self.endpoint_url!r}"
+        if self.prefix.startswith("/"):
+            yield "prefix", "must not start with '/'"
+
+
+class Tier2Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Tier 2 (``tier2:``)."""
+
+    s3: S3Settings
+
+
+class EncryptionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Encryption keys (``encryption:``): files of 32 bytes by key id; ``active`` writes."""
+
+    active: str | None = None
+    keys: dict[str, Path] = {}
+
+    def _problems(self) -> Problems:
+        if self.active is not None and self.active not in self.keys:
+            known = ", ".join(sorted(self.keys)) or "none"
+            yield "active", f"key '{self.active}' is not in encryption.keys (configured: {known})"
+
+    def keyring(self) -> KeyRing:
+        """Load the key files.
+
+        Returns:
+            A ``klio_common.crypto.KeyRing`` with every configured key.
+
+        Raises:
+            EncryptionKeyError: a key file is missing, unreadable or not 32 bytes.
+        """
+        from klio_common.crypto import KeyRing
+
+        return KeyRing.load(self.active, dict(self.keys))
+
+
+class CompressionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Compression of stored objects (``compression:``)."""
+
+    algorithm: Literal["zstd", "none"] = "zstd"
+    level: int = 3
+
+    def _problems(self) -> Problems:
+        if not 1 <= self.level <= 22:
+            yield "level", f"expected 1 to 22, got {self.level}"
+
+
+class RetentionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Retention policies per tier, kept as text for the retention service to parse."""
+
+    tier1: str | None = None
+    tier2: str | None = None
+
+
+class ClusterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One protected PostgreSQL cluster (an item of ``clusters:``).
+
+    ``application_name`` None means the slot name; `Settings.load` fills it in.
+    """
+
+    name: str
+    conninfo: str
+    password_file: Path | None = None
+    slot: str = "klio"
+    synchronous: bool = False
+    application_name: str | None = None
+    status_interval: float = 10.0
+    backup_schedule: str | None = None
+    retention: RetentionSettings = msgspec.field(default_factory=RetentionSettings)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{name}={mask_conninfo(value) if name == 'conninfo' else value!r}"
+            for name, value in msgspec.structs.asdict(self).items()
+        )
+        return f"ClusterSettings({fields})"
+
+    def _problems(self) -> Problems:
+        if not _DNS_LABEL.fullmatch(self.name):
+            yield "name", f"expected a DNS-1123 label (a-z, 0-9, '-'), got {self.name!r}"
+        if not self.conninfo.strip():
+            yield "conninfo", "must not be empty"
+        if not _SLOT.fullmatch(self.slot):
+            yield "slot", f"expected 1 to 63 characters from a-z, 0-9 and '_', got {self.slot!r}"
+        if self.status_interval <= 0:
+            yield "status_interval", "must be greater than 0"
+        schedule = self.backup_schedule
+        if schedule is not None and not schedule.startswith("@") and len(schedule.split()) != 5:
+            yield "backup_schedule", f"expected a cron expression of 5 fields, got {schedule!r}"
+
+    def password(self) -> str | None:
+        """Return the password read from ``password_file`` (trailing newline removed), or None."""
+        if self.password_file is None:
+            return None
+        return self.password_file.read_text().rstrip("\r\n")
+
+
+class ServiceSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One service's HTTP endpoint (``/livez``, ``/readyz``, ``/metrics``) and log level."""
+
+    http_port: int
+    http_host: str = "0.0.0.0"
+    log_level: str = "info"
+
+    def _problems(self) -> Problems:
+        if not 0 <= self.http_port <= 65535:
+            yield "http_port", f"expected 0 to 65535, got {self.http_port}"
+        if self.log_level not in LOG_LEVELS:
+            yield "log_level", f"expected one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"
+
+
+def _default_services() -> dict[str, ServiceSettings]:
+    return {name: ServiceSettings(http_port=port) for name, port in SERVICE_PORTS.items()}
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The whole configuration. Build it with `Settings.load`."""
+
+    nats: NatsSettings = msgspec.field(default_factory=NatsSettings)
+    tier1: Tier1Settings | None = None
+    tier2: Tier2Settings | None = None
+    encryption: EncryptionSettings | None = None
+    compression: CompressionSettings = msgspec.field(default_factory=CompressionSettings)
+    clusters: list[ClusterSettings] = []
+    services: dict[str, ServiceSettings] = msgspec.field(default_factory=_default_services)
+
+    @classmethod
+    def load(cls, path: Path | None, env: Mapping[str, str]) -> Settings:
+        """Read the YAML file, apply ``KLIO_*`` overrides and check everything.
+
+        Args:
+            path: the YAML file; None means ``env["KLIO_CONFIG"]`` when set, else no file.
+            env: the environment (``os.environ`` in production). Variables ``KLIO_A__B__C``
+                set key ``a.b.c`` (list items by index: ``KLIO_CLUSTERS__0__SLOT``); values
+                are YAML scalars. Variables without ``__`` are not settings and are ignored.
+
+        Returns:
+            The settings.
+
+        Raises:
+            ConfigError: listing every problem, each with its dotted key.
+        """
+        if path is None and env.get("KLIO_CONFIG"):
+            path = Path(env["KLIO_CONFIG"])
+        problems: list[str] = []
+        tree: Any = {}
+        if path is not None:
+            tree = _read_yaml(path, problems)
+        unreadable = bool(problems)
+        loader = _Loader(problems)
+        loader.apply_env(tree, env)
+        settings = None
+        if not unreadable:
+            loader.merge_services(tree)
+            built = loader.build(cls, tree, "")
+            if isinstance(built, Settings):
+                settings = built._resolved(loader)
+        if problems or settings is None:
+            where = f" in {path}" if path is not None else ""
+            raise ConfigError(
+                problems, hint=f"fix the keys named above{where} or in the KLIO_* variables"
+            )
+        return settings
+
+    def _resolved(self, loader: _Loader) -> Settings:
+        seen: set[str] = set()
+        clusters = []
+        for index, cluster in enumerate(self.clusters):
+            if cluster.name in seen:
+                loader.problem(f"clusters.{index}.name", f"duplicate cluster name '{cluster.name}'")
+            seen.add(cluster.name)
+            if cluster.application_name is None:
+                cluster = msgspec.structs.replace(cluster, application_name=cluster.slot)
+            clusters.append(cluster)
+        services = _default_services()
+        services.update(self.services)
+        return msgspec.structs.replace(self, clusters=clusters, services=services)
+
+    @property
+    def warnings(self) -> list[str]:
+        """Conditions every service warns about at start (e.g. encryption not configured)."""
+        found = []
+        if self.encryption is None or not self.encryption.keys:
+            found.append(
+                "encryption is not configured: WAL and backups are stored unencrypted"
+                " (set encryption.active and encryption.keys)"
+            )
+        elif self.encryption.active is None:
+            found.append(
+                "no active encryption key: new WAL and backups are stored unencrypted"
+                " (set encryption.active)"
+            )
+        return found
+
+    def cluster(self, name: str) -> ClusterSettings:
+        """Return the cluster named ``name``.
+
+        Raises:
+            NotFound: no such cluster; the hint lists the configured names.
+        """
+        for cluster in self.clusters:
+            if cluster.name == name:
+                return cluster
+        known = ", ".join(c.name for c in self.clusters) or "none"
+        raise NotFound(f"unknown cluster '{name}'", hint=f"configured clusters: {known}")
+
+    def service(self, name: str) -> ServiceSettings:
+        """Return the settings of service ``name`` (``wal-receiver``, ``relay``, ...).
+
+        Raises:
+            NotFound: not a Klio service.
+        """
+        try:
+            return self.services[name]
+        except KeyError:
+            known = ", ".join(sorted(self.services))
+            raise NotFound(f"unknown service '{name}'", hint=f"services: {known}") from None
+
+
+def _read_yaml(path: Path, problems: list[str]) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        problems.append(f"{path}: cannot read the configuration file: {exc.strerror or exc}")
+        return {}
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problems.append(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', None) or exc}")
+        return {}
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        problems.append(f"{path}: expected a mapping at the top level, got {type(tree).__name__}")
+        return {}
+    return tree
+
+
+_INVALID: Any = object()
+
+
+class _Loader:
+    """Turns the YAML tree into Structs, recording every problem instead of stopping at one."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        self.origins: dict[str, str] = {}  # dotted key -> the variable that set or created it
+        self.raw: dict[str, str] = {}  # dotted key -> the variable's text
+
+    def problem(self, key: str, message: str) -> None:
+        origin = self.origins.get(key)
+        label = f"{key} (from {origin})" if origin else key
+        self.problems.append(f"{label}: {message}")
+
+    def apply_env(self, tree: dict[str, Any], env: Mapping[str, str]) -> None:
+        for var in sorted(env):
+            # Kubernetes injects KLIO_SERVICE_HOST and friends for a Service named "klio":
+            # only nested names (with "__") are settings.
+            if not var.startswith("KLIO_") or "__" not in var:
+                continue
+            parts = var[len("KLIO_") :].lower().split("__")
+            if not all(parts):
+                self.problems.append(f"{var}: empty key between '__' separators")
+                continue
+            if parts[0] == "services" and len(parts) > 1:
+                parts[1] = parts[1].replace("_", "-")
+            try:
+                value = yaml.safe_load(env[var])
+            except yaml.YAMLError:
+                value = env[var]
+            self.origins[".".join(parts)] = var
+            self.raw[".".join(parts)] = env[var]
+            self._set(tree, parts, value, var)
+
+    def _set(self, tree: dict[str, Any], parts: list[str], value: Any, var: str) -> None:
+        node: Any = tree
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            fresh: Any = value if last else ([] if parts[depth + 1].isdigit() else {})
+            where = ".".join(parts[:depth]) or "the top level"
+            key = ".".join(parts[: depth + 1])
+            if isinstance(node, dict):
+                if last or not isinstance(node.get(part), dict | list):
+                    node[part] = fresh
+                    self.origins.setdefault(key, var)
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) <= len(node):
+                if int(part) == len(node):
+                    node.append(fresh)
+                    self.origins.setdefault(key, var)
+                elif last:
+                    node[int(part)] = fresh
+                node = node[int(part)]
+            elif isinstance(node, list):
+                self.problems.append(
+                    f"{var}: '{part}' is not an index of {where} (next index: {len(node)})"
+                )
+                return
+            else:
+                self.problems.append(f"{var}: {where} is not a mapping")
+                return
+
+    def merge_services(self, tree: dict[str, Any]) -> None:
+        """Give each configured service its default port, so a partial entry is enough."""
+        services = tree.get("services")
+        if not isinstance(services, dict):
+            return
+        merged: dict[str, Any] = {}
+        for name, value in services.items():
+            key = str(name).replace("_", "-")
+            if key not in SERVICE_PORTS:
+                self._unknown("services", str(name), list(SERVICE_PORTS))
+            elif isinstance(value, dict):
+                merged[key] = {"http_port": SERVICE_PORTS[key], **value}
+            else:
+                merged[key] = value
+        tree["services"] = merged
+
+    def _unknown(self, path: str, key: str, known: list[str]) -> None:
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        self.problem(_join(path, key), f"unknown key{hint}")
+
+    def build(self, cls: type[msgspec.Struct], data: Any, path: str) -> Any:
+        if not isinstance(data, dict):
+            self.problem(path or "the top level", f"expected a mapping, got {_describe(data)}")
+            return _INVALID
+        fields = msgspec.structs.fields(cls)
+        names = [f.encode_name for f in fields]
+        for key in data:
+            if key not in names:
+                self._unknown(path, str(key), names)
+        values: dict[str, Any] = {}
+        for f in fields:
+            key = _join(path, f.name)
+            if f.name not in data:
+                if f.required:
+                    self.problem(key, "missing (required)")
+                    values[f.name] = _INVALID
+                continue
+            values[f.name] = self.convert(f.type, data[f.name], key)
+        if any(v is _INVALID for v in values.values()):
+            return _INVALID
+        obj = cls(**values)
+        check = getattr(obj, "_problems", None)
+        if check is not None:
+            for key, message in check():
+                self.problem(_join(path, key), message)
+        return obj
+
+    def convert(self, tp: Any, value: Any, path: str) -> Any:
+        origin = typing.get_origin(tp)
+        args = typing.get_args(tp)
+        if origin in (typing.Union, types.UnionType):
+            if value is None and type(None) in args:
+                return None
+            others = [a for a in args if a is not type(None)]
+            return self.convert(others[0] if len(others) == 1 else tp, value, path)
+        if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+            return self.build(tp, value, path)
+        if origin is list:
+            if not isinstance(value, list):
+                self.problem(path, f"expected a list, got {_describe(value)}")
+                return _INVALID
+            items = [self.convert(args[0], v, f"{path}.{i}") for i, v in enumerate(value)]
+            return _INVALID if any(v is _INVALID for v in items) else items
+        if origin is dict:
+            if not isinstance(value, dict):
+                self.problem(path, f"expected a mapping, got {_describe(value)}")
+                return _INVALID
+            entries = {
+                str(k): self.convert(args[1], v, _join(path, str(k))) for k, v in value.items()
+            }
+            return _INVALID if any(v is _INVALID for v in entries.values()) else entries
+        return self._scalar(tp, value, path)
+
+    def _scalar(self, tp: Any, value: Any, path: str) -> Any:
+        raw = self.raw.get(path)
+        if tp is str and raw is not None and not isinstance(value, str | dict | list):
+            return raw  # KLIO_X__SLOT=123 means the text "123"
+        if path.endswith("_mode") and isinstance(value, str):
+            try:
+                return int(value, 8)
+            except ValueError:
+                self.problem(path, f"expected an octal mode such as 0640, got {value!r}")
+                return _INVALID
+        if tp is Path:
+            if isinstance(value, str) and value:
+                return Path(value)
+            self.problem(path, f"expected a path, got {_describe(value)}")
+            return _INVALID
+        try:
+            return msgspec.convert(value, tp)
+        except msgspec.ValidationError:
+            self.problem(path, f"expected {_type_name(tp)}, got {_describe(value)}")
+            return _INVALID
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{type(value).__name__} {text}"
