@@ -1,0 +1,210 @@
+"""Crash-safe file writes: temp file, fsync, rename or link, fsync of the directory."""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import stat
+from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
+
+from klio_common.errors import ConflictError, Retryable
+
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+_COMPARE_STEP = 1 << 20
+
+
+def temp_path(path: Path) -> Path:
+    """Return a fresh temp name beside ``path`` (``.<name>.tmp-<random>``)."""
+    return path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
+
+
+def is_temp_name(name: str) -> bool:
+    """Tell whether a file name is one of our temp names."""
+    return name.startswith(".") and ".tmp-" in name
+
+
+def fsync_dir(path: Path) -> None:
+    """Fsync a directory so that entries created, renamed or removed in it are durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ensure_dir(path: Path, mode: int = 0o750) -> None:
+    """Create ``path`` and its missing parents with ``mode`` (whatever the umask).
+
+    Each new directory's parent is fsynced, so the new entries survive a crash.
+    Existing directories are left alone. A setgid bit inherited from the parent
+    is kept, so group ownership propagates down the tree.
+    """
+    path = Path(path)
+    missing: list[Path] = []
+    probe = path
+    while not probe.is_dir():
+        missing.append(probe)
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir(mode)
+        except FileExistsError:
+            if not new.is_dir():
+                raise
+            continue  # created concurrently: its creator fsyncs the parent
+        inherited = new.stat().st_mode & stat.S_ISGID
+        new.chmod(mode | inherited)
+        fsync_dir(new.parent)
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _no_space(path: Path, exc: OSError) -> Retryable:
+    return Retryable(
+        f"no space left on device writing {path}: {exc.strerror}",
+        hint="free space on the Tier-1 volume or grow it; nothing was written",
+    )
+
+
+def _write_temp(path: Path, data: bytes | bytearray | memoryview, file_mode: int) -> Path:
+    """Write ``data`` to a new fsynced temp file beside ``path``; return its path."""
+    tmp = temp_path(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, file_mode)
+        try:
+            os.fchmod(fd, file_mode)
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in _NO_SPACE:
+            raise _no_space(path, exc) from exc
+        raise
+    return tmp
+
+
+def atomic_write(
+    path: Path,
+    data: bytes | bytearray | memoryview,
+    *,
+    file_mode: int = 0o640,
+    dir_mode: int = 0o750,
+) -> None:
+    """Write ``path`` atomically and durably, replacing any previous file.
+
+    Readers see the old content or the new, never a mix; after return the new
+    content survives a crash.
+
+    Raises:
+        Retryable: the device is full (the temp file is removed).
+    """
+    path = Path(path)
+    ensure_dir(path.parent, dir_mode)
+    tmp = _write_temp(path, data, file_mode)
+    try:
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_exclusive(
+    path: Path,
+    data: bytes | bytearray | memoryview,
+    *,
+    file_mode: int = 0o640,
+    dir_mode: int = 0o750,
+    same: Callable[[Path], bool] | None = None,
+) -> bool:
+    """Create ``path`` atomically and durably unless it exists; never overwrite.
+
+    Args:
+        path: the file to create.
+        data: its content.
+        file_mode: mode of the new file (the umask does not apply).
+        dir_mode: mode of missing parent directories.
+        same: decides whether an existing file holds the same content (for
+            example by comparing plaintext checksums of objects whose bytes differ
+            because of random keys); default: compare bytes.
+
+    Returns:
+        True if the file was created, False if it already held the same content.
+
+    Raises:
+        ConflictError: ``path`` exists with different content.
+        Retryable: the device is full (nothing is left behind).
+    """
+    path = Path(path)
+    ensure_dir(path.parent, dir_mode)
+    if path.exists():
+        return _settle_existing(path, data, same)
+    tmp = _write_temp(path, data, file_mode)
+    try:
+        # link() fails if the name exists, which makes "create unless present" atomic.
+        os.link(tmp, path)
+    except FileExistsError:
+        return _settle_existing(path, data, same)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return True
+
+
+def _settle_existing(
+    path: Path, data: bytes | bytearray | memoryview, same: Callable[[Path], bool] | None
+) -> bool:
+    equal = same(path) if same is not None else _same_bytes(path, data)
+    if not equal:
+        raise ConflictError(
+            f"{path} already exists with different content",
+            hint="this indicates corruption, split brain or two clusters writing the same place; "
+            "the existing file was kept: compare both copies before removing anything",
+        )
+    return False
+
+
+def _same_bytes(path: Path, data: bytes | bytearray | memoryview) -> bool:
+    view = memoryview(data).cast("B")
+    with path.open("rb") as f:
+        if os.fstat(f.fileno()).st_size != len(view):
+            return False
+        for start in range(0, len(view), _COMPARE_STEP):
+            if f.read(_COMPARE_STEP) != view[start : start + _COMPARE_STEP]:
+                return False
+    return True
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete temp files (``.*.tmp-*``) left in ``directory`` by a crash.
+
+    Call it only when no writer is active in that directory (at startup).
+
+    Returns:
+        The paths removed (an empty list if ``directory`` does not exist).
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if is_temp_name(entry.name) and entry.is_file(follow_symlinks=False):
+            with suppress(FileNotFoundError):
+                Path(entry.path).unlink()
+                removed.append(Path(entry.path))
+    if removed:
+        fsync_dir(Path(directory))
+    return removed

@@ -1,0 +1,570 @@
+"""The self-describing object format: header, then compressed and optionally encrypted frames."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Final, TypeVar
+
+import msgspec
+
+from klio_common import compression, crypto, fsio
+from klio_common.compression import Codec
+from klio_common.crypto import KeyRing
+from klio_common.errors import CorruptObject, KlioError, Retryable
+
+MAGIC: Final = b"KLIOOBJ1"
+FORMAT: Final = 1
+MAX_HEADER_SIZE: Final = 1 << 20
+MAX_PLAINTEXT_SIZE: Final = 1 << 30
+"""Default bound on what one object may decode to (a WAL segment is at most 1 GiB)."""
+
+FLAG_LAST: Final = 0x01
+_PREAMBLE = struct.Struct(">8sI")  # magic, header length
+_U32 = struct.Struct(">I")
+_FRAME = struct.Struct(">IBQI")  # payload length, flags, plaintext offset, plaintext length
+_FRAME_HEAD = _FRAME.size + _U32.size  # ... then crc32(frame fields + payload)
+_AAD = struct.Struct(">16sQBQI")  # header digest, frame index, flags, offset, plaintext length
+_NONCE_INDEX = struct.Struct(">Q")
+_PARALLEL_MIN = 4  # frames; below this, handing work to threads costs more than it saves
+_WORKERS = min(4, os.cpu_count() or 1)
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+_HINT = "restore it from Tier 2 or another copy; do not use this file"
+
+
+class ObjectHeader(msgspec.Struct, frozen=True, kw_only=True):
+    """What every stored object says about itself (JSON after the magic)."""
+
+    format: int = FORMAT
+    kind: str
+    name: str
+    codec: str
+    key_id: str | None = None
+    wrapped_key: bytes | None = None
+    nonce_prefix: bytes = b""
+    plaintext_size: int | None = None
+    plaintext_sha256: str | None = None
+    created_at: int = 0
+    extra: dict[str, str] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    """Where a frame lies in the object, and what its fields say."""
+
+    view: memoryview
+    index: int
+    pos: int
+    end: int
+    flags: int
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Frame:
+    index: int
+    flags: int
+    offset: int
+    plain: bytes
+    end: int  # file position after the frame
+
+
+class _BadFrame(Exception):
+    """A frame failed a check; ``pos``/``end`` say where it starts and claims to end."""
+
+    def __init__(self, index: int, reason: str, pos: int, end: int) -> None:
+        super().__init__(reason)
+        self.index, self.reason, self.pos, self.end = index, reason, pos, end
+
+    def torn(self, data: bytes) -> bool:
+        """Tell whether the frame is the file's tail: it reaches EOF or only zeros follow."""
+        return self.end >= len(data) or data.count(0, self.pos) == len(data) - self.pos
+
+
+def _corrupt(source: str, what: str) -> CorruptObject:
+    return CorruptObject(f"{source} is corrupt: {what}", hint=_HINT)
+
+
+class _Sealer:
+    """Turns compressed pieces into frames for one object (one data key, one nonce space)."""
+
+    def __init__(self, header: ObjectHeader, data_key: bytes | None) -> None:
+        self.head = _encode_header(header)
+        self.digest = hashlib.sha256(self.head).digest()[:16]
+        self.prefix = header.nonce_prefix
+        self.cipher = crypto.data_cipher(data_key) if data_key is not None else None
+
+    def seal(self, index: int, flags: int, offset: int, size: int, payload: bytes) -> list[bytes]:
+        """Return the parts of frame ``index`` holding ``size`` plaintext bytes at ``offset``."""
+        if self.cipher is not None:
+            nonce = self.prefix + _NONCE_INDEX.pack(index)
+            aad = _AAD.pack(self.digest, index, flags, offset, size)
+            payload = self.cipher.encrypt(nonce, payload, aad)
+        fields = _FRAME.pack(len(payload), flags, offset, size)
+        return [fields, _U32.pack(zlib.crc32(payload, zlib.crc32(fields))), payload]
+
+
+def _map(fn: Callable[[_T], _R], items: Sequence[_T]) -> Iterator[_R]:
+    """Map ``fn`` in order, on the worker pool when there is enough work to share."""
+    global _pool
+    if len(items) < _PARALLEL_MIN or _WORKERS < 2:
+        return map(fn, items)
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="klio-objects")
+    return _pool.map(fn, items)
+
+
+def _encode_header(header: ObjectHeader) -> bytes:
+    body = msgspec.json.encode(header)
+    return _PREAMBLE.pack(MAGIC, len(body)) + body + _U32.pack(zlib.crc32(body))
+
+
+def _new_header(
+    *,
+    kind: str,
+    name: str,
+    codec: Codec,
+    keyring: KeyRing,
+    size: int | None,
+    sha: str | None,
+    extra: dict[str, str] | None,
+) -> tuple[ObjectHeader, bytes | None]:
+    data_key = wrapped = None
+    nonce_prefix = b""
+    if keyring.active is not None:
+        data_key = crypto.new_data_key()
+        wrapped = keyring.wrap(data_key, keyring.active)
+        nonce_prefix = os.urandom(4)
+    header = ObjectHeader(
+        kind=kind,
+        name=name,
+        codec=codec.name,
+        key_id=keyring.active,
+        wrapped_key=wrapped,
+        nonce_prefix=nonce_prefix,
+        plaintext_size=size,
+        plaintext_sha256=sha,
+        created_at=int(time.time()),
+        extra=dict(extra or {}),
+    )
+    return header, data_key
+
+
+def encode_object(
+    plaintext: bytes | bytearray | memoryview,
+    *,
+    kind: str,
+    name: str,
+    codec: Codec,
+    keyring: KeyRing,
+    frame_size: int = 1 << 20,
+    extra: dict[str, str] | None = None,
+) -> bytes:
+    """Encode a complete object: header, then frames of ``frame_size`` plaintext bytes.
+
+    With ``keyring.active`` set, each object gets a fresh data key wrapped by
+    the active master key; otherwise frames are stored unencrypted.
+    """
+    if not 0 < frame_size < 1 << 32:
+        raise ValueError(f"frame_size {frame_size} is out of range")
+    view = memoryview(plaintext).cast("B")
+    starts = range(0, len(view), frame_size) if view else range(1)
+    # Compression runs on the pool while this thread hashes; sealing needs the
+    # header (the SHA-256 is in it and its digest is in every frame's AAD).
+    compressed = _map(lambda start: codec.compress(view[start : start + frame_size]), starts)
+    header, data_key = _new_header(
+        kind=kind,
+        name=name,
+        codec=codec,
+        keyring=keyring,
+        size=len(view),
+        sha=hashlib.sha256(view).hexdigest(),
+        extra=extra,
+    )
+    sealer = _Sealer(header, data_key)
+    parts = [sealer.head]
+    for index, (start, payload) in enumerate(zip(starts, compressed, strict=True)):
+        flags = FLAG_LAST if start + frame_size >= len(view) else 0
+        size = min(frame_size, len(view) - start)
+        parts += sealer.seal(index, flags, start, size, payload)
+    return b"".join(parts)
+
+
+def _parse_header(view: memoryview, source: str) -> tuple[ObjectHeader, bytes, int]:
+    """Return the header, its encoded bytes (for the AAD digest) and where frames start."""
+    if len(view) < _PREAMBLE.size:
+        raise _corrupt(source, f"too short for an object ({len(view)} bytes)")
+    magic, length = _PREAMBLE.unpack_from(view)
+    if magic != MAGIC:
+        raise _corrupt(source, "not a klio object (bad magic)")
+    end = _PREAMBLE.size + length + _U32.size
+    if length > MAX_HEADER_SIZE or end > len(view):
+        raise _corrupt(source, "header is truncated")
+    body = view[_PREAMBLE.size : end - _U32.size]
+    if zlib.crc32(body) != _U32.unpack_from(view, end - _U32.size)[0]:
+        raise _corrupt(source, "header checksum mismatch")
+    try:
+        header = msgspec.json.decode(body, type=ObjectHeader)
+    except msgspec.DecodeError as exc:
+        raise _corrupt(source, f"invalid header: {exc}") from None
+    if header.format != FORMAT:
+        raise CorruptObject(
+            f"{source} has object format {header.format}, this klio reads format {FORMAT}",
+            hint="upgrade klio to read objects written by a newer version",
+        )
+    if header.codec not in compression.NAMES:
+        raise _corrupt(source, f"unknown codec '{header.codec}'")
+    if header.key_id is not None and (header.wrapped_key is None or len(header.nonce_prefix) != 4):
+        raise _corrupt(source, "encrypted header lacks its wrapped key or nonce prefix")
+    if header.plaintext_size is not None and header.plaintext_size < 0:
+        raise _corrupt(source, "negative plaintext size")
+    return header, bytes(view[:end]), end
+
+
+def read_header(
+    data: bytes | bytearray | memoryview | Path, *, source: str = "object"
+) -> ObjectHeader:
+    """Return the header of an object held in memory or in a file (reads only the header).
+
+    Raises:
+        CorruptObject: not an object, or a damaged header.
+    """
+    if isinstance(data, Path):
+        with data.open("rb") as f:
+            head = f.read(_PREAMBLE.size)
+            if len(head) == _PREAMBLE.size:
+                length = _PREAMBLE.unpack(head)[1]
+                head += f.read(min(length, MAX_HEADER_SIZE + 1) + _U32.size)
+        data = head
+    return _parse_header(memoryview(data).cast("B"), source)[0]
+
+
+def _opener(header: ObjectHeader, head: bytes, keyring: KeyRing, source: str) -> _Opener:
+    cipher = None
+    if header.key_id is not None:
+        assert header.wrapped_key is not None  # checked by _parse_header
+        data_key = keyring.unwrap(header.key_id, header.wrapped_key, what=source)
+        cipher = crypto.data_cipher(data_key)
+    return _Opener(header, compression.get(header.codec), cipher, head)
+
+
+class _Opener:
+    """Reads and checks the frames of one object."""
+
+    def __init__(
+        self, header: ObjectHeader, codec: Codec, cipher: crypto.AESGCM | None, head: bytes
+    ) -> None:
+        self.codec, self.cipher, self.prefix = codec, cipher, header.nonce_prefix
+        self.digest = hashlib.sha256(head).digest()[:16]
+
+    def frames(self, view: memoryview, pos: int, limit: int, budget: int) -> Iterator[_Frame]:
+        """Yield checked frames in order; raise ``_BadFrame`` at the first bad one.
+
+        Frames must end by ``limit``, and ``budget`` bounds the sum of their
+        plaintext lengths (decompression bombs).
+        """
+        specs: list[_Spec] = []
+        error: _BadFrame | None = None
+        while pos < len(view):
+            index = len(specs)
+            if len(view) - pos < _FRAME_HEAD:
+                error = _BadFrame(index, "is truncated", pos, len(view))
+                break
+            length, flags, offset, size = _FRAME.unpack_from(view, pos)
+            end = pos + _FRAME_HEAD + length
+            if end > len(view):
+                error = _BadFrame(index, "is truncated", pos, end)
+                break
+            budget -= size
+            if flags & ~FLAG_LAST:
+                error = _BadFrame(index, f"has unknown flags {flags:#x}", pos, end)
+                break
+            if budget < 0 or offset + size > limit:
+                error = _BadFrame(index, "claims more data than the object may hold", pos, end)
+                break
+            specs.append(_Spec(view, index, pos, end, flags, offset, size))
+            pos = end
+        for spec, plain in zip(specs, _map(self._open, specs), strict=True):
+            yield _Frame(spec.index, spec.flags, spec.offset, plain, spec.end)
+        if error is not None:
+            raise error
+
+    def _open(self, s: _Spec) -> bytes:
+        view = s.view
+        payload = view[s.pos + _FRAME_HEAD : s.end]
+        crc = zlib.crc32(payload, zlib.crc32(view[s.pos : s.pos + _FRAME.size]))
+        if crc != _U32.unpack_from(view, s.pos + _FRAME.size)[0]:
+            raise _BadFrame(s.index, "failed its checksum", s.pos, s.end)
+        data: bytes | memoryview = payload
+        if self.cipher is not None:
+            nonce = self.prefix + _NONCE_INDEX.pack(s.index)
+            aad = _AAD.pack(self.digest, s.index, s.flags, s.offset, s.size)
+            try:
+                data = self.cipher.decrypt(nonce, payload, aad)
+            except crypto.InvalidTag:
+                raise _BadFrame(s.index, "failed authentication", s.pos, s.end) from None
+        try:
+            plain = self.codec.decompress(data, s.size)
+        except CorruptObject as exc:
+            raise _BadFrame(
+                s.index, f"cannot be decompressed: {exc.message}", s.pos, s.end
+            ) from None
+        if len(plain) != s.size:
+            raise _BadFrame(s.index, f"holds {len(plain)} bytes, expected {s.size}", s.pos, s.end)
+        return plain
+
+
+def decode_object(
+    data: bytes | bytearray | memoryview,
+    keyring: KeyRing,
+    *,
+    source: str,
+    max_size: int = MAX_PLAINTEXT_SIZE,
+) -> tuple[ObjectHeader, bytes]:
+    """Check and decode a complete object.
+
+    Args:
+        data: the whole object.
+        keyring: keys to decrypt with (the header names the key).
+        source: names the object in errors, e.g. ``"segment 000000010000000000000003"``.
+        max_size: refuse objects that would decode to more (decompression bombs).
+
+    Raises:
+        CorruptObject: any check failed (header, CRC, tag, offsets, last frame, size, SHA-256).
+        EncryptionKeyError: the object's key is not configured or is the wrong key.
+    """
+    view = memoryview(data).cast("B")
+    header, head, pos = _parse_header(view, source)
+    size = header.plaintext_size
+    if size is None:
+        raise _corrupt(source, "header has no plaintext size (an open partial: use read_partial)")
+    if size > max_size:
+        raise _corrupt(source, f"declares {size} bytes, more than the maximum {max_size}")
+    opener = _opener(header, head, keyring, source)
+    sha, pieces, done, last = hashlib.sha256(), [], 0, False
+    try:
+        for frame in opener.frames(view, pos, size, size):
+            if last:
+                raise _corrupt(source, f"frame {frame.index} follows the last frame")
+            if frame.offset != done:
+                raise _corrupt(
+                    source, f"frame {frame.index} is at offset {frame.offset}, expected {done}"
+                )
+            sha.update(frame.plain)
+            pieces.append(frame.plain)
+            done += len(frame.plain)
+            last = bool(frame.flags & FLAG_LAST)
+    except _BadFrame as bad:
+        raise _corrupt(source, f"frame {bad.index} {bad.reason}") from None
+    if not last:
+        raise _corrupt(source, "truncated (no last frame)")
+    if done != size:
+        raise _corrupt(source, f"holds {done} bytes, the header says {size}")
+    if sha.hexdigest() != header.plaintext_sha256:
+        raise _corrupt(source, "SHA-256 of the content does not match the header")
+    return header, pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+def read_partial(
+    path: Path, keyring: KeyRing, *, source: str, max_size: int = MAX_PLAINTEXT_SIZE
+) -> tuple[ObjectHeader, bytearray, int]:
+    """Read an open partial written by :class:`PartialWriter` (or a complete object).
+
+    Returns:
+        The header; the plaintext, zero-filled where no frame wrote, as long as
+        the highest frame end; ``valid_end``, the end of the contiguous range that
+        starts at the first frame's offset (0 without frames).
+
+    A torn or unauthenticated last frame (a crash mid-append: never synced, so
+    never acknowledged) is dropped; damage to any earlier frame raises.
+
+    Raises:
+        CorruptObject: damaged header or damage before the last frame.
+        EncryptionKeyError: the key is not configured or is the wrong key.
+    """
+    data = Path(path).read_bytes()
+    view = memoryview(data)
+    header, head, pos = _parse_header(view, source)
+    if header.plaintext_size is not None:
+        plain = decode_object(data, keyring, source=source, max_size=max_size)[1]
+        return header, bytearray(plain), len(plain)
+    frames: list[_Frame] = []
+    try:
+        for frame in _opener(header, head, keyring, source).frames(
+            view, pos, max_size, 2 * max_size
+        ):
+            if frame.flags & FLAG_LAST:
+                raise _corrupt(source, f"frame {frame.index} is flagged last in an open partial")
+            frames.append(frame)
+    except _BadFrame as bad:
+        if not bad.torn(data):
+            raise _corrupt(source, f"frame {bad.index} {bad.reason}") from None
+    plaintext = bytearray(max((f.offset + len(f.plain) for f in frames), default=0))
+    for f in frames:
+        plaintext[f.offset : f.offset + len(f.plain)] = f.plain
+    valid_end = frames[0].offset if frames else 0
+    for f in sorted(frames, key=lambda f: f.offset):
+        if frames[0].offset <= f.offset <= valid_end:
+            valid_end = max(valid_end, f.offset + len(f.plain))
+    return header, plaintext, valid_end
+
+
+def write_object(
+    path: Path,
+    data: bytes | bytearray | memoryview,
+    *,
+    file_mode: int = 0o640,
+    dir_mode: int = 0o750,
+) -> None:
+    """Store an encoded object crash-safely (see :func:`klio_common.fsio.atomic_write`)."""
+    fsio.atomic_write(path, data, file_mode=file_mode, dir_mode=dir_mode)
+
+
+class PartialWriter:
+    """Appends authenticated frames to an open segment (``.partial``) as WAL arrives.
+
+    The file is built under a temp name; the first :meth:`sync` renames it over
+    ``path`` (so a partial being re-created replaces the old one atomically).
+    Every writer has its own data key, so (key, nonce) pairs never repeat.
+    After a failed write the writer refuses further use: create a new one.
+    """
+
+    def __init__(
+        self, path: Path, sealer: _Sealer, codec: Codec, fd: int, tmp: Path, frame_size: int
+    ) -> None:
+        self.path, self._sealer, self._codec, self._fd, self._tmp = path, sealer, codec, fd, tmp
+        self._frame_size, self._size, self._index = frame_size, 0, 0
+        self._published = self._closed = self._failed = False
+
+    @classmethod
+    def create(
+        cls,
+        path: Path,
+        *,
+        kind: str = "partial",
+        name: str,
+        codec: Codec,
+        keyring: KeyRing,
+        file_mode: int = 0o640,
+        dir_mode: int = 0o750,
+        frame_size: int = 1 << 20,
+    ) -> PartialWriter:
+        """Start a partial object at ``path`` (not visible there before the first sync)."""
+        path = Path(path)
+        header, data_key = _new_header(
+            kind=kind, name=name, codec=codec, keyring=keyring, size=None, sha=None, extra=None
+        )
+        sealer = _Sealer(header, data_key)
+        fsio.ensure_dir(path.parent, dir_mode)
+        tmp = fsio.temp_path(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, file_mode)
+        writer = cls(path, sealer, codec, fd, tmp, frame_size)
+        try:
+            os.fchmod(fd, file_mode)
+            writer._write([sealer.head])
+        except BaseException:
+            writer._discard()
+            raise
+        return writer
+
+    @property
+    def header_size(self) -> int:
+        """Bytes taken by the header at the start of the file."""
+        return len(self._sealer.head)
+
+    def append(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` (plaintext at ``offset`` in the segment) as one or more frames."""
+        self._check()
+        view = memoryview(data).cast("B")
+        parts: list[bytes] = []
+        for start in range(0, len(view), self._frame_size):
+            piece = view[start : start + self._frame_size]
+            payload = self._codec.compress(piece)
+            parts += self._sealer.seal(self._index, 0, offset + start, len(piece), payload)
+            self._index += 1
+        self._write(parts)
+
+    def sync(self) -> None:
+        """Make everything appended so far durable (the first call also publishes the file)."""
+        self._check()
+        try:
+            os.fsync(self._fd)
+            if not self._published:
+                self._tmp.replace(self.path)
+                self._published = True
+                fsio.fsync_dir(self.path.parent)
+        except OSError as exc:
+            self._failed = True  # after a failed fsync the page cache state is unknown
+            raise self._os_error(exc) from exc
+
+    def close(self) -> None:
+        """Sync, then close the file."""
+        if self._closed:
+            return
+        try:
+            if not self._failed:
+                self.sync()
+        finally:
+            self._discard()
+
+    def _discard(self) -> None:
+        self._closed = True
+        os.close(self._fd)
+        if not self._published:
+            self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> PartialWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        elif not self._closed:
+            self._discard()
+
+    def _check(self) -> None:
+        if self._closed or self._failed:
+            state = "closed" if self._closed else "failed earlier"
+            raise KlioError(f"partial writer for {self.path} is {state}; create a new one")
+
+    def _write(self, parts: list[bytes]) -> None:
+        view = memoryview(b"".join(parts))
+        try:
+            done = 0
+            while done < len(view):
+                done += os.pwrite(self._fd, view[done:], self._size + done)
+        except OSError as exc:
+            self._failed = True
+            with suppress(OSError):
+                os.ftruncate(self._fd, self._size)  # leave no torn frame behind
+            raise self._os_error(exc) from exc
+        self._size += len(view)
+
+    def _os_error(self, exc: OSError) -> Exception:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return Retryable(
+                f"no space left on device writing {self.path}: {exc.strerror}",
+                hint="free space on the Tier-1 volume or grow it; nothing was written",
+            )
+        return exc
