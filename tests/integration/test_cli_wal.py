@@ -14,7 +14,14 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
-from klio_dev import NatsServer, PostgresServer, wait_until_async
+from klio_dev import (
+    NatsServer,
+    PostgresServer,
+    ServerError,
+    run_as_postgres,
+    wait_until,
+    wait_until_async,
+)
 from tests.fixtures.paths import KlioConfigWriter
 
 from klio_cli.events import tail
@@ -22,7 +29,7 @@ from klio_common import compression
 from klio_common.catalog.wal import WalArchive
 from klio_common.crypto import KeyRing
 from klio_common.events import WalSegmentClosed, codec, now
-from klio_common.pg.walname import WalSegment
+from klio_common.pg.walname import WalSegment, is_segment_name
 from klio_common.runtime.bus import Bus
 from klio_common.runtime.settings import Settings
 
@@ -438,3 +445,87 @@ async def test_events_tail_prints_events_from_the_start_and_live(
         "000000010000000000000003",
     ]
     assert lines[0]["subject"] == "klio.main.wal.segment.closed"
+
+
+# -- PostgreSQL itself as the client of wal-restore ---------------------------------------------
+
+
+def prepare_recovery(
+    pg: PostgresServer,
+    workdir: Path,
+    tier1: Path,
+    keys: Mapping[str, Path],
+    klio_config: KlioConfigWriter,
+) -> tuple[PostgresServer, WalArchive, str]:
+    """A base backup of ``pg`` set up to recover with ``klio wal-restore``, and WAL archived."""
+    pg.execute("CREATE TABLE t (i int)")
+    pg.execute("INSERT INTO t SELECT generate_series(1, 1000)")
+    config = read_config(klio_config, tier1, keys)
+    restored = PostgresServer(
+        workdir,
+        name="restored",
+        settings={
+            "restore_command": f"{KLIO} --config {config} wal-restore %f %p",
+            "recovery_target_action": "promote",
+        },
+    )
+    restored._prepare_root()
+    source = ["-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres"]
+    backup = ["pg_basebackup", "-D", str(restored.data_dir), "-X", "none", "-c", "fast"]
+    run_as_postgres([*backup, "--no-sync", *source])
+    restored._write_config()
+    run_as_postgres(["touch", str(restored.data_dir / "recovery.signal")])
+    pg.execute("INSERT INTO t SELECT generate_series(1001, 3000)")
+    last = pg.switch_wal()
+
+    archive = WalArchive(tier1, "main")
+    archive.ensure_identity(pg.system_identifier(), SEG, 150000, int(time.time()))
+    kr = keyring(keys)
+    for path in sorted(pg.pg_wal_dir.iterdir()):
+        # Later names in pg_wal are recycled files waiting for reuse, not WAL.
+        if is_segment_name(path.name) and path.name <= last:
+            archive.store_segment(
+                path.name, path.read_bytes(), codec=compression.get("zstd"), keyring=kr
+            )
+    return restored, archive, last
+
+
+def test_postgres_recovers_to_the_end_of_the_archive(
+    pg: PostgresServer,
+    workdir: Path,
+    tier1_dir: Path,
+    keyring_files: dict[str, Path],
+    klio_config: KlioConfigWriter,
+) -> None:
+    restored, _, _ = prepare_recovery(pg, workdir, tier1_dir, keyring_files, klio_config)
+    try:
+        restored.start()
+        # Exit status 1 for the segment after the last one ends recovery: promotion follows.
+        wait_until(lambda: restored.sql("SELECT NOT pg_is_in_recovery()")[0][0], 60, "promotion")
+        assert restored.sql("SELECT count(*) FROM t") == [(3000,)]
+    finally:
+        restored.stop("immediate")
+
+
+def test_postgres_stops_recovery_on_a_corrupt_segment(
+    pg: PostgresServer,
+    workdir: Path,
+    tier1_dir: Path,
+    keyring_files: dict[str, Path],
+    klio_config: KlioConfigWriter,
+) -> None:
+    restored, archive, last = prepare_recovery(pg, workdir, tier1_dir, keyring_files, klio_config)
+    path = archive.segment_path(last)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01
+    path.write_bytes(bytes(data))
+    try:
+        with pytest.raises(ServerError):
+            restored.start()
+        log = restored.log_path.read_text()
+        assert f'could not restore file "{last}" from archive' in log
+        assert "exit code 150" in log
+        assert "database system is ready to accept connections" not in log
+        assert not restored.running
+    finally:
+        restored.stop("immediate")

@@ -58,6 +58,11 @@ def wal_restore(config: str | None, cluster: str | None, name: str, dest: str) -
         return walfetch.EXIT_FATAL
     except OSError as exc:
         output.os_error(exc)
+        print(
+            "HINT: the PostgreSQL server's OS user must be able to read the configuration, "
+            "the key files and the Tier-1 archive, and write to the destination",
+            file=sys.stderr,
+        )
         return walfetch.EXIT_FATAL
     except Exception as exc:  # anything unexpected must stop recovery, not end it early
         output.error(f"unexpected failure restoring {name}: {exc!r}")

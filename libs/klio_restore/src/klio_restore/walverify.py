@@ -1,9 +1,4 @@
-"""WAL archive continuity across timelines (pure) and the verification of every archived object.
-
-Continuity follows the rule PostgreSQL applies when it fetches segment N during recovery towards a
-target timeline (``XLogFileReadAnyTLI``): of the timelines in the target's history, it reads N from
-the newest one whose first segment is at or below N. That file, and no other, must be archived.
-"""
+"""WAL archive continuity across timelines (pure logic) and the check of every archived object."""
 
 from __future__ import annotations
 
@@ -141,6 +136,11 @@ def check_continuity(
     history_timelines: Iterable[int] | None = None,
 ) -> Continuity:
     """Find the gaps in an archive, from its oldest segment to its newest, across timelines.
+
+    The rule is PostgreSQL's when it fetches segment N while recovering towards the target
+    timeline (``XLogFileReadAnyTLI``): of the timelines in the target's history, it reads N from
+    the newest one whose first segment is at or below N. That file, and no other, must exist.
+    The target is the newest timeline the archive knows (recovery_target_timeline = latest).
 
     Args:
         segments: every archived complete segment (any order).
