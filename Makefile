@@ -40,7 +40,9 @@ $(VENV)/.installed: requirements.lock $(PYPROJECTS) Makefile
 	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
 	    $(addprefix -e ,$(PACKAGES))
-	chmod -R a+rX $(VENV)
+	# restore_command runs as the PostgreSQL OS user, which cannot write __pycache__: compile now
+	$(BIN)/python -m compileall -q -j 0 libs cli services devtools $(VENV)/lib > /dev/null
+	chmod -R a+rX $(VENV) libs cli services devtools
 	touch $@
 
 # Regenerate the lock file after editing requirements.in (needs network access to PyPI).

@@ -84,6 +84,8 @@ def keyring_of(settings: Settings) -> KeyRing:
 def archive_end(settings: Settings, cluster: str = "main") -> int:
     """The LSN up to which the archive holds WAL durably (complete segments + open partial)."""
     archive = archive_of(settings, cluster)
+    if archive.read_identity() is None:
+        return 0
     seg_size = archive.segment_size()
     end = 0
     segs = archive.list_segments(seg_size)
@@ -232,11 +234,16 @@ def announced(nats_url: str, subject: str) -> list[str]:
     import msgspec
     import nats
     from nats.js.api import ConsumerConfig, DeliverPolicy
+    from nats.js.errors import NotFoundError
 
     async def read() -> list[str]:
         nc = await nats.connect(nats_url)
         try:
             js = nc.jetstream()
+            try:
+                await js.stream_info("KLIO")
+            except NotFoundError:
+                return []  # the publisher has not created the stream yet
             sub = await js.subscribe(
                 subject,
                 ordered_consumer=True,
@@ -255,3 +262,13 @@ def announced(nats_url: str, subject: str) -> list[str]:
             await nc.close()
 
     return asyncio.run(read())
+
+
+def postgres_dir(path: Path) -> Path:
+    """An empty directory owned by the postgres OS user (for pg_basebackup -D)."""
+    import shutil
+
+    path.mkdir(mode=0o700)
+    if os.geteuid() == 0:
+        shutil.chown(path, "postgres", "postgres")
+    return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from tests.wal_receiver.helpers import (
     archive_of,
     keyring_of,
     load,
+    postgres_dir,
     receiver_inprocess,
     restored_server,
     wait_archived,
@@ -45,7 +47,7 @@ def start_pg_receivewal(pg: Any, directory: Path) -> subprocess.Popen[bytes]:
             pg.superuser_conninfo(),
         ],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
     )
 
 
@@ -118,7 +120,7 @@ def test_restore_from_archive_reaches_last_commit(
     settings = load(config)
     with receiver_inprocess(settings):
         pg.execute("CREATE TABLE marker (id int primary key, note text)")
-        backup = workdir / "backup"
+        backup = postgres_dir(workdir / "backup")
         pg.run_as_postgres(
             [
                 "pg_basebackup",
@@ -170,7 +172,8 @@ def test_kill_9_resumes_without_gap_or_rewrite(
     try:
         pg.pgbench_init(scale=3)
         wait_archived(settings, pg.current_lsn() - 1)
-        load_run = pg.pgbench_async(clients=2, seconds=4)
+        load_run = threading.Thread(target=pg.pgbench, args=(2,), kwargs={"seconds": 4})
+        load_run.start()
         wait_until(lambda: archive_end(settings) > 0, 30, "some WAL archived")
         proc.kill()
         slot_lsn = Lsn.parse(
@@ -184,7 +187,7 @@ def test_kill_9_resumes_without_gap_or_rewrite(
             for s in archive_of(settings).list_segments()
         }
         proc.start()
-        load_run.wait(120)
+        load_run.join(120)
         end = pg.current_lsn()
         pg.switch_wal()
         wait_archived(settings, end)

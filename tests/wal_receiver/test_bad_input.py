@@ -48,6 +48,9 @@ def test_role_without_replication(
     pg: Any, nats_server: Any, tier1_dir: Path, workdir: Path
 ) -> None:
     pg.execute("CREATE ROLE norepl LOGIN PASSWORD 'secret'")
+    with (pg.data_dir / "pg_hba.conf").open("a") as hba:
+        hba.write("host replication norepl 127.0.0.1/32 scram-sha-256\n")
+    pg.reload()
     pw = workdir / "pw"
     pw.write_text("secret")
     config = write_config(

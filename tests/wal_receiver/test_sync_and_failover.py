@@ -16,6 +16,7 @@ from tests.wal_receiver.helpers import (
     archive_end,
     archive_of,
     load,
+    postgres_dir,
     receiver_inprocess,
     restored_server,
     wait_archived,
@@ -107,7 +108,7 @@ def test_follows_promoted_standby_onto_timeline_2(
     workdir: Path,
 ) -> None:
     standby = pg.make_standby("standby")
-    backup = workdir / "backup"
+    backup = postgres_dir(workdir / "backup")
     pg.run_as_postgres(
         [
             "pg_basebackup",

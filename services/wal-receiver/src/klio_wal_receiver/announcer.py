@@ -17,7 +17,7 @@ from klio_common.catalog.wal import StoredObject, WalArchive
 from klio_common.compression import Codec
 from klio_common.crypto import KeyRing
 from klio_common.events import WalGapDetected, WalHistoryArchived, WalSegmentClosed
-from klio_common.events.base import now
+from klio_common.events.base import SYSTEM_ID_UNKNOWN, now
 from klio_common.events.codec import event_id_for
 from klio_common.pg.lsn import Lsn
 from klio_common.pg.walname import WalSegment, history_name
@@ -47,7 +47,7 @@ class Announcer:
         self.state = state
         self.wake = wake
         ident = archive.read_identity()
-        self.system_id = ident.system_id if ident else ""
+        self.system_id = ident.system_id if ident else SYSTEM_ID_UNKNOWN
 
     def closed(self, c: ClosedSegment) -> None:
         """A segment is durable: announce it (called on the writer's worker thread, in order)."""

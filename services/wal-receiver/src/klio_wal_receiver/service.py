@@ -14,7 +14,6 @@ from klio_common.catalog.wal import WalArchive
 from klio_common.crypto import KeyRing
 from klio_common.errors import ConfigError
 from klio_common.runtime.health import Health
-from klio_common.runtime.metrics import registry
 from klio_common.runtime.settings import Settings
 from klio_wal_receiver.announcer import Announcer
 from klio_wal_receiver.receiver import ClusterReceiver
@@ -67,7 +66,7 @@ async def main(settings: Settings, stop: asyncio.Event, health: Health) -> None:
             "(set encryption.active and encryption.keys)"
         )
     codec = compression.get(settings.compression.algorithm, settings.compression.level)
-    metrics = ReceiverMetrics(registry())
+    metrics = ReceiverMetrics()
     keeper = BusKeeper(settings)
     loop = asyncio.get_running_loop()
     tasks: list[asyncio.Task[None]] = [asyncio.create_task(keeper.run(stop), name="nats")]

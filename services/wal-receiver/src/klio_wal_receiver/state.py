@@ -5,61 +5,35 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from klio_common.catalog.wal import WalArchive
 from klio_common.pg.lsn import Lsn
+from klio_common.runtime.metrics import counter, gauge
 
 
 class ReceiverMetrics:
-    """The wal-receiver's Prometheus metrics (labelled by cluster)."""
+    """The wal-receiver's Prometheus metrics (labelled by cluster), on the process registry."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.bytes_received = Counter(
-            "klio_wal_bytes_received",
-            "WAL bytes received from the primary",
-            ["cluster"],
-            registry=registry,
+    def __init__(self) -> None:
+        c = ["cluster"]
+        self.bytes_received = counter(
+            "klio_wal_bytes_received", "WAL bytes received from the primary", c
         )
-        self.flushed_lsn = Gauge(
-            "klio_wal_flushed_lsn",
-            "Last LSN durable in the archive (as a number)",
-            ["cluster"],
-            registry=registry,
+        self.flushed_lsn = gauge(
+            "klio_wal_flushed_lsn", "Last LSN durable in the archive (as a number)", c
         )
-        self.lag_bytes = Gauge(
-            "klio_wal_lag_bytes",
-            "Bytes between the primary's WAL end and the archive",
-            ["cluster"],
-            registry=registry,
+        self.lag_bytes = gauge(
+            "klio_wal_lag_bytes", "Bytes between the primary's WAL end and the archive", c
         )
-        self.lag_seconds = Gauge(
-            "klio_wal_lag_seconds",
-            "Seconds since the archive was last caught up",
-            ["cluster"],
-            registry=registry,
+        self.lag_seconds = gauge(
+            "klio_wal_lag_seconds", "Seconds since the archive was last caught up", c
         )
-        self.segments_closed = Counter(
-            "klio_wal_segments_closed",
-            "Segments closed into the archive",
-            ["cluster"],
-            registry=registry,
+        self.segments_closed = counter(
+            "klio_wal_segments_closed", "Segments closed into the archive", c
         )
-        self.reconnects = Counter(
-            "klio_wal_reconnects", "Reconnections to the primary", ["cluster"], registry=registry
-        )
-        self.gaps = Counter(
-            "klio_wal_gaps",
-            "WAL gaps detected (WAL the server no longer had)",
-            ["cluster"],
-            registry=registry,
-        )
-        self.streaming = Gauge(
-            "klio_wal_streaming",
-            "1 while the replication stream is active",
-            ["cluster"],
-            registry=registry,
-        )
+        self.reconnects = counter("klio_wal_reconnects", "Reconnections to the primary", c)
+        self.gaps = counter("klio_wal_gaps", "WAL gaps detected (WAL the server no longer had)", c)
+        self.streaming = gauge("klio_wal_streaming", "1 while the replication stream is active", c)
 
 
 class ReceiverState:
