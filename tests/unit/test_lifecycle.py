@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -254,6 +254,12 @@ def test_a_stuck_service_process_is_ended_by_the_hard_exit(tmp_path: Path) -> No
         process.kill()
 
 
+def exit_code(call: Callable[[], object]) -> object:
+    with pytest.raises(SystemExit) as caught:
+        call()
+    return caught.value.code
+
+
 def test_main_entry_runs_the_service(tmp_path: Path, root_logger: logging.Logger) -> None:
     config = tmp_path / "klio.yaml"
     config.write_text(f"services: {{relay: {{http_port: {free_port()}, http_host: 127.0.0.1}}}}")
@@ -267,7 +273,7 @@ def test_main_entry_runs_the_service(tmp_path: Path, root_logger: logging.Logger
 
         return main
 
-    assert main_entry("relay", factory, ["--config", str(config)], {}) == 0
+    assert exit_code(lambda: main_entry("relay", factory, ["--config", str(config)], {})) == 0
     assert started and started[0].service("relay").http_host == "127.0.0.1"
 
 
@@ -277,7 +283,7 @@ def test_main_entry_reports_configuration_errors(
     def factory(settings: Settings) -> Main:
         raise AssertionError("not reached")
 
-    code = main_entry("relay", factory, [], {"KLIO_COMPRESSION__LEVEL": "99"})
+    code = exit_code(lambda: main_entry("relay", factory, [], {"KLIO_COMPRESSION__LEVEL": "99"}))
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("klio-relay: invalid configuration (1 problem(s)):")
@@ -293,8 +299,8 @@ def test_main_entry_reports_a_factory_error(
     def unreachable(settings: Settings) -> Main:
         raise Retryable("cannot connect to NATS")
 
-    assert main_entry("relay", bad_config, [], {}) == 2
-    assert main_entry("relay", unreachable, [], {}) == 1
+    assert exit_code(lambda: main_entry("relay", bad_config, [], {})) == 2
+    assert exit_code(lambda: main_entry("relay", unreachable, [], {})) == 1
     err = capsys.readouterr().err
     lines = [json.loads(line) for line in err.splitlines()]
     assert lines[0]["level"] == "warning" and "encryption is not configured" in lines[0]["message"]

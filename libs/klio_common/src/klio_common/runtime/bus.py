@@ -115,7 +115,7 @@ class Bus:
         try:
             await client.connect(
                 servers=[settings.url],
-                name=f"klio-{name}",
+                name=name if name.startswith("klio") else f"klio-{name}",
                 connect_timeout=math.ceil(settings.connect_timeout),
                 allow_reconnect=reconnect,
                 # Bounded while connecting, so a missing server is reported; forever afterwards.

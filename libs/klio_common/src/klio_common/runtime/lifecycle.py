@@ -12,7 +12,7 @@ import sys
 import threading
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from klio_common.errors import ConfigError, KlioError
 from klio_common.runtime import logs
@@ -188,8 +188,8 @@ def main_entry(
     main_factory: Callable[[Settings], Main],
     argv: Sequence[str] | None = None,
     env: Mapping[str, str] | None = None,
-) -> int:
-    """The whole ``__main__`` of a service: options, settings, logging, run.
+) -> NoReturn:
+    """The whole ``__main__`` of a service: options, settings, logging, run, exit.
 
     Args:
         service_name: ``wal-receiver``, ``basebackup``, ``relay`` or ``retention``.
@@ -197,9 +197,18 @@ def main_entry(
         argv: command-line arguments without the program name; ``sys.argv[1:]`` when None.
         env: the environment; ``os.environ`` when None.
 
-    Returns:
-        The exit code: 0 clean stop, 1 failure, 2 invalid configuration.
+    Raises:
+        SystemExit: always, with the exit code: 0 clean stop, 1 failure, 2 invalid configuration.
     """
+    raise SystemExit(_entry(service_name, main_factory, argv, env))
+
+
+def _entry(
+    service_name: str,
+    main_factory: Callable[[Settings], Main],
+    argv: Sequence[str] | None,
+    env: Mapping[str, str] | None,
+) -> int:
     parser = argparse.ArgumentParser(
         prog=f"klio-{service_name}", description=f"Klio {service_name} service"
     )

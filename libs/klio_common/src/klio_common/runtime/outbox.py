@@ -132,11 +132,12 @@ class Outbox:
                 count = await self.drain(bus)
             except Retryable as exc:
                 delay = min(max(delay * 2, _FIRST_RETRY), _MAX_RETRY)
-                if outage is None:
+                waiting = len(self.pending())
+                if outage is None and waiting:  # an empty outbox loses nothing: no alarm
                     outage = exc.message
                     log.warning(
                         "cannot publish events, %d kept in the outbox until NATS answers: %s",
-                        len(self.pending()),
+                        waiting,
                         outage,
                     )
             else:
