@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from klio_dev import (
     NatsServer,
     PostgresServer,
     S3Server,
+    free_port,
     is_listening,
     run_as_postgres,
     scaled,
@@ -258,6 +260,31 @@ def test_s3_server_serves_the_test_bucket_from_memory(s3_server: S3Server) -> No
     s3_server.stop()  # idempotent
     s3_server.start()
     assert s3_server.client().list_buckets()["Buckets"] == []
+
+
+@pytest.mark.parametrize("kind", ["postgres", "nats", "s3"])
+def test_first_start_moves_off_a_port_taken_meanwhile(
+    kind: str, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        ports = iter([taken])
+        module = "klio_dev.postgres" if kind == "postgres" else "klio_dev.processes"
+        monkeypatch.setattr(f"{module}.free_port", lambda: next(ports, free_port()))
+        server: PostgresServer | NatsServer | S3Server
+        if kind == "postgres":
+            server = PostgresServer(workdir).init()
+        else:
+            server = NatsServer(workdir) if kind == "nats" else S3Server(workdir)
+        assert server.port == taken
+        try:
+            server.start()
+            assert server.port != taken
+            assert is_listening(server.port)
+        finally:
+            server.stop()
 
 
 # -- config and process hygiene -------------------------------------------------------

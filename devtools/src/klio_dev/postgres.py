@@ -15,7 +15,16 @@ import psycopg
 
 from klio_common.pg.lsn import Lsn
 from klio_dev.ports import free_port
-from klio_dev.processes import ServerError, children_of, kill_pids, pid_alive, tail, track, untrack
+from klio_dev.processes import (
+    ServerError,
+    children_of,
+    kill_pids,
+    pid_alive,
+    port_taken,
+    tail,
+    track,
+    untrack,
+)
 from klio_dev.waiting import scaled
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -116,6 +125,8 @@ class PostgresServer:
         self.name = name
         self.root = base_dir / name
         self.port = port if port is not None else free_port()
+        self._auto_port = port is None
+        self._started = False
         self.settings: dict[str, SettingValue] = dict(settings or {})
         self.password = secrets.token_urlsafe(24)
         self.password_file = self.root / "klio.password"
@@ -247,9 +258,19 @@ class PostgresServer:
         Raises:
             ServerError: pg_ctl failed (the server log tail is included).
         """
-        if not self.running:
-            track(self)
+        if self.running:
+            return self
+        track(self)
+        try:
             self._pg_ctl("-l", str(self.log_path), "start")
+        except ServerError as exc:
+            # free_port() cannot reserve the port: someone may take it before the first start.
+            if not port_taken(exc, self._auto_port and not self._started):
+                raise
+            self.port = free_port()
+            self._write_config()
+            self._pg_ctl("-l", str(self.log_path), "start")
+        self._started = True
         return self
 
     def stop(self, mode: str = "fast") -> None:

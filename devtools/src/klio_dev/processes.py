@@ -55,6 +55,11 @@ def kill_all() -> None:
             continue
 
 
+def port_taken(error: ServerError, may_move: bool) -> bool:
+    """Return True when a start failed because the port was in use and may be changed."""
+    return may_move and "address already in use" in str(error).lower()
+
+
 def tail(path: Path, lines: int = 20) -> str:
     """Return the last ``lines`` lines of a log file, or a note when there is none."""
     try:
@@ -85,6 +90,8 @@ class ServerProcess:
         self.port = port if port is not None else free_port()
         self.log_path = self.dir / f"{name}.log"
         self._proc: subprocess.Popen[bytes] | None = None
+        self._auto_port = port is None
+        self._started = False
 
     def argv(self) -> list[str]:
         """Return the command line that runs the server."""
@@ -120,11 +127,25 @@ class ServerProcess:
     def start(self) -> Self:
         """Start the server and wait until it is ready; no-op when running.
 
+        A port picked by `free_port` may be taken by someone else before the server binds
+        it; the first start then moves to another free port once.
+
         Raises:
             ServerError: the process exited or was not ready in time (the log tail is included).
         """
         if self.running:
             return self
+        try:
+            self._launch()
+        except ServerError as exc:
+            if not port_taken(exc, self._auto_port and not self._started):
+                raise
+            self.port = free_port()
+            self._launch()
+        self._started = True
+        return self
+
+    def _launch(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
@@ -146,7 +167,6 @@ class ServerProcess:
             if isinstance(exc, ServerError | TimeoutError):
                 raise ServerError(f"{exc}\n--- {self.log_path} ---\n{tail(self.log_path)}") from exc
             raise
-        return self
 
     def _check_ready(self, offset: int) -> bool:
         if self._proc is None or self._proc.poll() is not None:

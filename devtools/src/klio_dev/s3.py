@@ -53,7 +53,10 @@ class S3Server(ServerProcess):
         return env
 
     def ready(self, log_offset: int) -> bool:
-        """Return True once the endpoint answers HTTP (any status)."""
+        """Return True once this process listens (its log says so) and answers HTTP."""
+        # The log line comes first: another server on the port would answer HTTP too.
+        if f"Running on {self.endpoint_url}" not in self.log_text(log_offset):
+            return False
         try:
             self._request("GET", "/moto-api/", timeout=1)
         except OSError:
