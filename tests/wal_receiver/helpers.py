@@ -180,6 +180,30 @@ def wait_archived(
     )
 
 
+def wait_closed(
+    settings: Settings, lsn: int, *, timeout: float = 60, cluster: str = "main"
+) -> None:
+    """Wait until the segment holding the byte before ``lsn`` is closed (restorable) in the archive.
+
+    ``restore_command`` only finds complete segments, so a restore test must wait for this, not
+    for the open ``.partial`` to cover ``lsn``.
+    """
+    from klio_common.pg.walname import WalSegment
+
+    archive = archive_of(settings, cluster)
+    wait_until(lambda: archive.read_identity() is not None, timeout, "the archive identity")
+    seg_size = archive.segment_size()
+
+    def closed() -> bool:
+        return any(s.start_lsn < lsn <= s.end_lsn for s in archive.list_segments(seg_size))
+
+    wait_until(
+        closed,
+        timeout,
+        f"the segment holding {WalSegment.from_lsn(1, lsn - 1, seg_size).name[8:]} closed",
+    )
+
+
 def wait_segment(
     settings: Settings, name: str, *, timeout: float = 60, cluster: str = "main"
 ) -> None:

@@ -20,6 +20,7 @@ from tests.wal_receiver.helpers import (
     receiver_inprocess,
     restored_server,
     wait_archived,
+    wait_closed,
     wal_restore,
     write_config,
 )
@@ -140,7 +141,7 @@ def test_restore_from_archive_reaches_last_commit(
         expected = pg.sql("SELECT count(*), sum(abalance) FROM pgbench_accounts")[0]
         end = pg.current_lsn()
         pg.switch_wal()
-        wait_archived(settings, end)
+        wait_closed(settings, end)
     restored = restored_server(
         workdir, backup, restore_command=f"{KLIO} --config {config} wal-restore %f %p"
     )

@@ -168,9 +168,9 @@ def test_malformed_configuration_lists_every_error(workdir: Path) -> None:
         "nats.bogus",
         "compression.algorithm",
         "compression.level",
-        "clusters[0].name",
-        "clusters[0].slot",
-        "clusters[0].conninfo",
+        "clusters.0.name",
+        "clusters.0.slot",
+        "clusters.0.conninfo",
     ):
         assert key in err, (key, err)
 

@@ -20,6 +20,7 @@ from tests.wal_receiver.helpers import (
     receiver_inprocess,
     restored_server,
     wait_archived,
+    wait_closed,
     write_config,
 )
 
@@ -131,7 +132,7 @@ def test_follows_promoted_standby_onto_timeline_2(
         pg.execute("INSERT INTO marker SELECT g, 1 FROM generate_series(1, 100) g")
         end = pg.current_lsn()
         pg.switch_wal()
-        wait_archived(settings, end)
+        wait_closed(settings, end)
     pg.stop()
     standby.promote()
     standby.execute("SELECT pg_create_physical_replication_slot('klio', true)")
@@ -147,7 +148,7 @@ def test_follows_promoted_standby_onto_timeline_2(
         standby.execute("INSERT INTO marker SELECT g, 2 FROM generate_series(101, 200) g")
         end2 = standby.current_lsn()
         standby.switch_wal()
-        wait_archived(settings2, end2)
+        wait_closed(settings2, end2)
     archive = archive_of(settings2)
     assert 2 in archive.list_history()
     assert any(s.timeline == 2 for s in archive.list_segments())

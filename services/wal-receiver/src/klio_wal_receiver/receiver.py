@@ -78,6 +78,10 @@ class ClusterReceiver:
                     extra={"cluster": self.cluster.name, "permanent": permanent},
                 )
                 attempt += 1
+            except Exception as exc:  # a bug must not end archiving: log it whole and retry
+                self.state.failed(f"unexpected error: {exc!r}")
+                log.exception("cluster %s: unexpected error", self.cluster.name)
+                attempt += 1
             finally:
                 await self._release()
             if stop.is_set():

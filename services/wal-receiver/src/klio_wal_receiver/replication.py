@@ -276,8 +276,11 @@ class ReplicationConnection:
 
     async def finish_copy(self) -> StreamEnded:
         """Answer the server's CopyDone and read what follows (next timeline, P6)."""
-        self.conn.put_copy_end()
-        await self._flush()
+        try:
+            self.conn.put_copy_end()
+            await self._flush()
+        except psycopg.OperationalError:
+            pass  # the server ended the COPY with an error (P8): the result below says which
         next_tli: int | None = None
         next_start: int | None = None
         error: ServerError | None = None

@@ -438,14 +438,28 @@ class _Loader:
                     values[f.name] = _INVALID
                 continue
             values[f.name] = self.convert(f.type, data[f.name], key)
-        if any(v is _INVALID for v in values.values()):
+        invalid = {name for name, v in values.items() if v is _INVALID}
+        if invalid:
+            # Still check the valid fields, so that every problem is listed at once: invalid
+            # ones get their default (or an empty stand-in) and their own checks are skipped.
+            for f in fields:
+                if f.name in invalid:
+                    values[f.name] = _stand_in(f)
+            try:
+                self._check(cls(**values), path, skip=invalid)
+            except (TypeError, ValueError, msgspec.ValidationError):
+                pass
             return _INVALID
         obj = cls(**values)
+        self._check(obj, path, skip=set())
+        return obj
+
+    def _check(self, obj: msgspec.Struct, path: str, *, skip: set[str]) -> None:
         check = getattr(obj, "_problems", None)
         if check is not None:
             for key, message in check():
-                self.problem(_join(path, key), message)
-        return obj
+                if key.split(".", 1)[0] not in skip:
+                    self.problem(_join(path, key), message)
 
     def convert(self, tp: Any, value: Any, path: str) -> Any:
         origin = typing.get_origin(tp)
@@ -493,6 +507,19 @@ class _Loader:
         except msgspec.ValidationError:
             self.problem(path, f"expected {_type_name(tp)}, got {_describe(value)}")
             return _INVALID
+
+
+def _stand_in(f: msgspec.structs.FieldInfo) -> Any:
+    """A harmless value for a field whose own value was invalid (only to check the others)."""
+    if f.default is not msgspec.NODEFAULT:
+        return f.default
+    if f.default_factory is not msgspec.NODEFAULT:
+        return f.default_factory()
+    tp = f.type
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)[0]
+    stand_ins: dict[Any, Any] = {str: "", int: 0, float: 0.0, bool: False, Path: Path(".")}
+    return stand_ins.get(tp)
 
 
 def _join(path: str, key: str) -> str:
