@@ -14,6 +14,9 @@ import nats
 import psycopg
 import pytest
 import yaml
+
+from klio_common.pg.lsn import Lsn
+from klio_common.runtime.settings import Settings
 from klio_dev import (
     NatsServer,
     PostgresServer,
@@ -28,9 +31,6 @@ from klio_dev import (
 from klio_dev.processes import children_of, pid_alive
 from tests.fixtures.paths import KlioConfigWriter
 from tests.fixtures.postgres import PgFactory
-
-from klio_common.pg.lsn import Lsn
-from klio_common.runtime.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 

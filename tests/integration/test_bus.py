@@ -9,8 +9,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from klio_dev import NatsServer, free_port
-from klio_dev.waiting import wait_until_async
 from nats.aio.msg import Msg
 from nats.js import api
 
@@ -18,6 +16,8 @@ from klio_common.errors import Permanent, Retryable
 from klio_common.events import BackupRequested, DeadLetter, Event, codec, now, subjects
 from klio_common.runtime.bus import DUPLICATE_WINDOW, MAX_AGE, Bus
 from klio_common.runtime.settings import NatsSettings
+from klio_dev import NatsServer, free_port
+from klio_dev.waiting import wait_until_async
 
 pytestmark = pytest.mark.integration
 

@@ -14,15 +14,6 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
-from klio_dev import (
-    NatsServer,
-    PostgresServer,
-    ServerError,
-    run_as_postgres,
-    wait_until,
-    wait_until_async,
-)
-from tests.fixtures.paths import KlioConfigWriter
 
 from klio_cli.events import tail
 from klio_common import compression
@@ -32,6 +23,15 @@ from klio_common.events import WalSegmentClosed, codec, now
 from klio_common.pg.walname import WalSegment, is_segment_name
 from klio_common.runtime.bus import Bus
 from klio_common.runtime.settings import Settings
+from klio_dev import (
+    NatsServer,
+    PostgresServer,
+    ServerError,
+    run_as_postgres,
+    wait_until,
+    wait_until_async,
+)
+from tests.fixtures.paths import KlioConfigWriter
 
 pytestmark = pytest.mark.integration
 

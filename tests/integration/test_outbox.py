@@ -8,8 +8,6 @@ import stat
 from pathlib import Path
 
 import pytest
-from klio_dev import NatsServer
-from klio_dev.waiting import wait_until_async
 from nats.js import api
 
 from klio_common.errors import Retryable
@@ -18,6 +16,8 @@ from klio_common.runtime import metrics
 from klio_common.runtime.bus import Bus
 from klio_common.runtime.outbox import Outbox
 from klio_common.runtime.settings import NatsSettings
+from klio_dev import NatsServer
+from klio_dev.waiting import wait_until_async
 
 pytestmark = pytest.mark.integration
 

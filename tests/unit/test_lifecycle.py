@@ -14,14 +14,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from klio_dev import free_port
-from klio_dev.waiting import scaled, wait_until_async
 
 from klio_common.errors import ConfigError, Retryable
 from klio_common.runtime import logs, metrics
 from klio_common.runtime.health import Health
 from klio_common.runtime.lifecycle import Main, main_entry, serve
 from klio_common.runtime.settings import ServiceSettings, Settings
+from klio_dev import free_port
+from klio_dev.waiting import scaled, wait_until_async
 
 LOCAL = ServiceSettings(http_port=0, http_host="127.0.0.1")
 

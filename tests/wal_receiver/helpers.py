@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from klio_dev.waiting import wait_until
 
 from klio_common.catalog.wal import WalArchive
 from klio_common.crypto import KeyRing
 from klio_common.objects import read_partial
 from klio_common.pg.lsn import Lsn
 from klio_common.runtime.settings import Settings
+from klio_dev.waiting import wait_until
 
 VENV_BIN = Path(sys.executable).parent
 KLIO = VENV_BIN / "klio"

@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from klio_common.pg.lsn import Lsn
+from klio_common.pg.walname import WalSegment
 from klio_dev.waiting import wait_until
 from tests.wal_receiver.helpers import (
     KLIO,
@@ -24,9 +27,6 @@ from tests.wal_receiver.helpers import (
     wal_restore,
     write_config,
 )
-
-from klio_common.pg.lsn import Lsn
-from klio_common.pg.walname import WalSegment
 
 PG_RECEIVEWAL = "/usr/lib/postgresql/15/bin/pg_receivewal"
 

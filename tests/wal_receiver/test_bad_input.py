@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from klio_common.errors import IdentityMismatch, Permanent, UnsupportedServer
+from klio_common.pg.server import check_server_version
 from klio_dev.waiting import wait_until
 from tests.wal_receiver.helpers import (
     KLIO,
@@ -18,9 +21,6 @@ from tests.wal_receiver.helpers import (
     wal_restore,
     write_config,
 )
-
-from klio_common.errors import IdentityMismatch, Permanent, UnsupportedServer
-from klio_common.pg.server import check_server_version
 
 
 def _first_error(settings: Any) -> str:

@@ -6,6 +6,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from klio_common.pg.lsn import Lsn
 from klio_dev.ports import free_port
 from klio_dev.waiting import wait_until
 from tests.wal_receiver.helpers import (
@@ -15,8 +16,6 @@ from tests.wal_receiver.helpers import (
     wait_archived,
     write_config,
 )
-
-from klio_common.pg.lsn import Lsn
 
 
 def _get(url: str) -> tuple[int, str]:

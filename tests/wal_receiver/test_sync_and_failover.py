@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+
+from klio_common.pg.lsn import Lsn
 from klio_dev.waiting import wait_until
 from tests.wal_receiver.helpers import (
     KLIO,
@@ -23,8 +25,6 @@ from tests.wal_receiver.helpers import (
     wait_closed,
     write_config,
 )
-
-from klio_common.pg.lsn import Lsn
 
 
 def test_synchronous_commit_waits_for_the_archive(

@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from klio_common.runtime.outbox import Outbox
-
 from klio_common.catalog.wal import StoredObject, WalArchive
 from klio_common.compression import Codec
 from klio_common.crypto import KeyRing
@@ -21,6 +19,7 @@ from klio_common.events.base import SYSTEM_ID_UNKNOWN, now
 from klio_common.events.codec import event_id_for
 from klio_common.pg.lsn import Lsn
 from klio_common.pg.walname import WalSegment, history_name
+from klio_common.runtime.outbox import Outbox
 from klio_wal_receiver.segments import ClosedSegment
 from klio_wal_receiver.state import ReceiverState
 

@@ -6,14 +6,13 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from klio_common.runtime.bus import Bus
-from klio_common.runtime.outbox import Outbox
-
 from klio_common import compression
 from klio_common.catalog.wal import WalArchive
 from klio_common.crypto import KeyRing
 from klio_common.errors import ConfigError
+from klio_common.runtime.bus import Bus
 from klio_common.runtime.health import Health
+from klio_common.runtime.outbox import Outbox
 from klio_common.runtime.settings import Settings
 from klio_wal_receiver.announcer import Announcer
 from klio_wal_receiver.receiver import ClusterReceiver

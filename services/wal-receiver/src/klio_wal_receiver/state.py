@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-
 from klio_common.catalog.wal import WalArchive
 from klio_common.pg.lsn import Lsn
 from klio_common.runtime.metrics import counter, gauge

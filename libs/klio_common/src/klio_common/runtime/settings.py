@@ -518,7 +518,7 @@ def _stand_in(f: msgspec.structs.FieldInfo) -> Any:
     tp = f.type
     if typing.get_origin(tp) is Literal:
         return typing.get_args(tp)[0]
-    stand_ins: dict[Any, Any] = {str: "", int: 0, float: 0.0, bool: False, Path: Path(".")}
+    stand_ins: dict[Any, Any] = {str: "", int: 0, float: 0.0, bool: False, Path: Path()}
     return stand_ins.get(tp)
 
 
