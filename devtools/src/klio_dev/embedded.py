@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             pg.pgbench_init(scale=1)
             pg.switch_wal()
             wait_until(lambda: _archived_segments(config) > 0, 120, "a first archived segment")
+            wait_until(lambda: "streaming" in status_text(config), 60, "the receiver streaming")
         deadline = time.monotonic() + args.duration if args.duration else None
         while not stopping and (deadline is None or time.monotonic() < deadline):
             print(f"\n--- {time.strftime('%H:%M:%S')} ---\n{status_text(config)}", flush=True)
