@@ -14,15 +14,15 @@ from klio_common.pg.lsn import Lsn
 from klio_common.pg.server import check_server_version, check_wal_level, parse_size
 from klio_common.pg.timeline import TimelineHistory
 from klio_common.pg.walname import WalSegment
-from klio_common.runtime.settings import ClusterSettings
-from klio_wal_receiver.announcer import Announcer
-from klio_wal_receiver.replication import (
+from klio_common.replication import (
     Keepalive,
     ReplicationConnection,
     ServerError,
     StreamEnded,
     XLogData,
 )
+from klio_common.runtime.settings import ClusterSettings
+from klio_wal_receiver.announcer import Announcer
 from klio_wal_receiver.segments import SegmentWriter
 from klio_wal_receiver.state import ReceiverState
 

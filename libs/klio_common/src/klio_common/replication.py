@@ -1,4 +1,4 @@
-"""A physical replication connection over ``psycopg.pq`` in non-blocking mode on asyncio.
+"""A replication connection over ``psycopg.pq``, non-blocking on asyncio (WAL, BASE_BACKUP).
 
 Every libpq call here is non-blocking (pitfall P1: a blocking call holds the GIL and freezes the
 process): connecting uses ``connect_start``/``connect_poll``, commands use ``send_query`` and
