@@ -1,0 +1,1 @@
+"""Benchmarks of the WAL archive against PostgreSQL's own tools (``make bench``)."""

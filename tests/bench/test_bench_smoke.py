@@ -1,0 +1,48 @@
+"""``python -m bench.run --quick`` end to end against real PostgreSQL, nats-server and Klio."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import report
+from klio_dev import scaled
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.integration
+
+
+def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--results", str(results)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=scaled(240),
+        check=False,
+    )
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    [path] = list(results.glob("*.json"))
+    doc = json.loads(path.read_text())
+
+    assert list(doc["summary"]) == ["wal_ingest", "sync_standby", "wal_restore_cost"]
+    assert report.missing_figures(doc["summary"]) == []
+    ratios = {k: v for k, v in report.figures(doc["summary"]).items() if ".ratio" in k}
+    assert len(ratios) == 2 + 1 + 2 * len(report.RESTORE_METHODS)
+    assert all(v > 0 for v in ratios.values()), ratios
+    # Every receiver ingested the same WAL, and the encrypted archive is smaller than it.
+    raw = doc["raw"]["wal_ingest"]
+    assert raw["bytes"] >= 0.05 * 1e9
+    assert 0 < raw["stored_bytes"]["klio_zstd_aes"] < raw["bytes"]
+    assert doc["raw"]["wal_restore_cost"]["segments"] == len(
+        doc["raw"]["wal_restore_cost"]["ms"]["klio_process"]
+    )
+    # The printed report is the rendering of the saved document.
+    assert report.render(doc) in done.stdout
+    assert f"results: {path}" in done.stdout

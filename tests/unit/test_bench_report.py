@@ -1,0 +1,153 @@
+"""The benchmark report: medians, ratios, required figures and the Markdown tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bench import report
+
+
+def _ingest() -> dict[str, Any]:
+    return {
+        "bytes": 100_000_000,
+        "samples": {
+            "pg_receivewal": [
+                {"seconds": 1.0, "cpu_seconds": 0.5},
+                {"seconds": 2.0, "cpu_seconds": 0.5},
+                {"seconds": 4.0, "cpu_seconds": 0.5},
+            ],
+            "klio_zstd_aes": [
+                {"seconds": 0.5, "cpu_seconds": 0.5, "startup_seconds": 0.25},
+                {"seconds": 1.0, "cpu_seconds": 0.8, "startup_seconds": 0.5},
+                {"seconds": 9.0, "cpu_seconds": 0.9, "startup_seconds": 0.1},
+            ],
+            "klio_none": [
+                {"seconds": 2.0, "cpu_seconds": 0.2},
+                {"seconds": 2.0, "cpu_seconds": 0.2},
+                {"seconds": 2.0, "cpu_seconds": 0.2},
+            ],
+        },
+        "stored_bytes": {"pg_receivewal": 100_000_000, "klio_zstd_aes": 40_000_000},
+    }
+
+
+def _sync() -> dict[str, Any]:
+    return {
+        "pgbench": "-c 4 -j 2 -T 30",
+        "samples": {
+            "pg_receivewal": [{"tps": 1000.0, "cpu_seconds": 3.0, "seconds": 30.0}],
+            "klio": [{"tps": 1200.0, "cpu_seconds": 6.0, "seconds": 30.0}],
+        },
+    }
+
+
+def _restore() -> dict[str, Any]:
+    ms = {m: [10.0, 20.0, 60.0] for m in report.RESTORE_METHODS}
+    ms["cp"] = [5.0, 10.0, 15.0]
+    return {"segments": 3, "stored_bytes": 24_000_000, "ms": ms, "cpu_ms": {"cp": 30.0}}
+
+
+def test_median_and_mean() -> None:
+    assert report.median([3.0, 1.0, 2.0]) == 2.0
+    assert report.median([4.0, 1.0, 2.0, 3.0]) == 2.5
+    assert report.mean([1.0, 2.0, 6.0]) == 3.0
+    with pytest.raises(ValueError, match="no values"):
+        report.median([])
+    with pytest.raises(ValueError, match="no values"):
+        report.mean([])
+
+
+def test_ratio_refuses_a_non_positive_baseline() -> None:
+    assert report.ratio(3.0, 2.0) == 1.5
+    with pytest.raises(ValueError, match="baseline"):
+        report.ratio(1.0, 0.0)
+
+
+def test_ingest_median_throughput_and_ratio() -> None:
+    summary = report.summarize_ingest(_ingest())
+    # 100 MB in 1, 2, 4 s -> 100, 50, 25 MB/s: the median rate, not the rate of the median time
+    assert summary["pg_receivewal"]["median_mb_s"] == 50.0
+    assert summary["klio_zstd_aes"]["median_mb_s"] == 100.0
+    assert summary["klio_none"]["median_mb_s"] == 50.0
+    assert summary["ratio"] == {"klio_zstd_aes": 2.0, "klio_none": 1.0}
+    assert summary["klio_zstd_aes"]["median_cpu_seconds"] == 0.8
+    assert summary["klio_none"]["cpu_pct"] == pytest.approx(10.0)
+    assert "pg_receivewal" not in summary["ratio"]
+    # start-up is measured for Klio only: 100 MB in 0.25, 0.5, 8.9 s once connected
+    assert summary["klio_zstd_aes"]["median_startup_seconds"] == 0.25
+    assert summary["klio_zstd_aes"]["median_mb_s_after_startup"] == 200.0
+    assert "median_startup_seconds" not in summary["pg_receivewal"]
+
+
+def test_sync_median_tps_and_ratio() -> None:
+    summary = report.summarize_sync(_sync())
+    assert summary["klio"]["median_tps"] == 1200.0
+    assert summary["ratio"] == {"klio": pytest.approx(1.2)}
+    assert summary["pg_receivewal"]["cpu_pct"] == pytest.approx(10.0)
+
+
+def test_restore_costs_and_ratios_to_cp() -> None:
+    summary = report.summarize_restore(_restore())
+    assert summary["cp"] == {"mean_ms": 10.0, "median_ms": 10.0, "cpu_ms_per_call": 10.0}
+    assert summary["klio_process"]["mean_ms"] == 30.0
+    assert summary["ratio_mean"]["klio_process"] == 3.0
+    assert summary["ratio_median"]["klio_process"] == 2.0
+    assert "cp" not in summary["ratio_median"]
+
+
+def test_a_complete_summary_misses_no_figure() -> None:
+    raw = {"wal_ingest": _ingest(), "sync_standby": _sync(), "wal_restore_cost": _restore()}
+    summary = report.summarize(raw)
+    assert report.missing_figures(summary) == []
+    flat = report.figures(summary)
+    assert flat["wal_ingest.ratio.klio_zstd_aes"] == 2.0
+    assert flat["wal_restore_cost.cp.mean_ms"] == 10.0
+
+
+def test_missing_figures_are_named() -> None:
+    raw = _ingest()
+    del raw["samples"]["klio_none"]
+    missing = report.missing_figures(report.summarize({"wal_ingest": raw}))
+    assert "wal_ingest.klio_none.median_mb_s" in missing
+    assert "wal_ingest.ratio.klio_none" in missing
+    assert not [m for m in missing if "klio_zstd_aes" in m]
+
+
+def test_required_figures_follow_the_benchmarks_run() -> None:
+    only = report.required_figures(["sync_standby"])
+    assert "sync_standby.ratio.klio" in only
+    assert not [f for f in only if not f.startswith("sync_standby.")]
+
+
+def test_render_has_a_table_per_benchmark() -> None:
+    raw = {"wal_ingest": _ingest(), "sync_standby": _sync(), "wal_restore_cost": _restore()}
+    doc = {
+        "date": "2026-01-02 03:04 UTC",
+        "machine": {
+            "nproc": 2,
+            "cpu": "Test CPU",
+            "memory_gb": 24.0,
+            "kernel": "Linux 6",
+            "postgresql": "15.20",
+            "python": "3.11.2",
+            "loadavg_start": 0.5,
+            "loadavg_end": 2.25,
+        },
+        "options": {"runs": 3},
+        "raw": raw,
+        "summary": report.summarize(raw),
+    }
+    text = report.render(doc)
+    assert "2 CPU (Test CPU), 24 GB RAM" in text
+    assert "load average 0.5 at the start, 2.2 at the end" in text
+    assert (
+        "| Klio, zstd-3 + AES-256-GCM | 100.0 | 1.00 | 0.25 | 200.0 | 80% | 40 | 2.00× |"
+    ) in text
+    assert "| Klio (`synchronous: true`) | 1200 | 20% | 1.20× |" in text
+    assert "| `klio wal-restore` (process) | 30.0 | 20.0 | — | 3.00× | 2.00× |" in text
+    assert "| pg_receivewal | 50.0 | 2.00 | — | — | 25% | 100 | 1.00× (baseline) |" in text
+    assert "(3 runs each)" in text
+    assert "(-c 4 -j 2 -T 30, 1 run each)" in text
+    assert "stored 8.0 MB each" in text
