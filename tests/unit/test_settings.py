@@ -281,3 +281,29 @@ def test_keyring_loads_the_configured_keys(tmp_path: Path) -> None:
     assert settings.encryption is not None
     keyring = settings.encryption.keyring()
     assert keyring.get("k1") == bytes(range(32))
+
+
+def test_backup_settings_have_defaults_and_are_checked(tmp_path: Path) -> None:
+    backup = Settings.load(None, {}).backup
+    assert (backup.chunk_size, backup.checkpoint, backup.wal_timeout, backup.jobs) == (
+        131072,
+        "fast",
+        300.0,
+        2,
+    )
+    path = write(tmp_path, "backup: {chunk_size: 1048576, checkpoint: spread, wal_timeout: 30}\n")
+    loaded = Settings.load(path, {"KLIO_BACKUP__JOBS": "4"}).backup
+    assert (loaded.chunk_size, loaded.checkpoint, loaded.wal_timeout, loaded.jobs) == (
+        1 << 20,
+        "spread",
+        30.0,
+        4,
+    )
+    bad = write(tmp_path, "backup: {chunk_size: 100000, checkpoint: slow, wal_timeout: 0}\n")
+    found = problems(bad, {"KLIO_BACKUP__JOBS": "0"})
+    assert any(p.startswith("backup.chunk_size:") and "power of two" in p for p in found), found
+    assert any(p.startswith("backup.checkpoint:") for p in found), found
+    assert any(p.startswith("backup.wal_timeout:") for p in found), found
+    assert any(p.startswith("backup.jobs (from KLIO_BACKUP__JOBS):") for p in found), found
+    for size in (4096, 32 << 20):
+        assert problems(write(tmp_path, f"backup: {{chunk_size: {size}}}\n"))

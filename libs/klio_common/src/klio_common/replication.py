@@ -70,6 +70,19 @@ def _result_error(res: PGresult, what: str) -> ServerError:
     return ServerError(f"{what} failed: {msg}", state.decode() if state else None)
 
 
+def result_error(res: PGresult, what: str) -> ServerError:
+    """The error a failed result reports, as ``"<what> failed: <server message>"``."""
+    return _result_error(res, what)
+
+
+def result_rows(res: PGresult) -> list[list[str | None]]:
+    """The rows of a TUPLES_OK result as text (None for NULL)."""
+    return [
+        [None if (v := res.get_value(r, c)) is None else v.decode() for c in range(res.nfields)]
+        for r in range(res.ntuples)
+    ]
+
+
 def classify_connect_error(message: str, where: str) -> KlioError:
     """Turn a libpq connection failure into an error that names the problem and a hint."""
     text = message.strip()
@@ -188,18 +201,57 @@ class ReplicationConnection:
         while (res := await self._next_result()) is not None:
             status = pq.ExecStatus(res.status)
             if status == pq.ExecStatus.TUPLES_OK:
-                rows = [
-                    [
-                        None if (v := res.get_value(r, c)) is None else v.decode()
-                        for c in range(res.nfields)
-                    ]
-                    for r in range(res.ntuples)
-                ]
+                rows = result_rows(res)
             elif status != pq.ExecStatus.COMMAND_OK and error is None:
                 error = _result_error(res, sql.split()[0])
         if error is not None:
             raise error
         return rows
+
+    async def send(self, sql: str) -> None:
+        """Send a command whose results the caller reads with `next_result` (e.g. BASE_BACKUP).
+
+        Read every result up to None before the next command (pitfall P3).
+        """
+        self.conn.send_query(sql.encode())
+        await self._flush()
+
+    async def next_result(self) -> PGresult | None:
+        """The next result of the command in progress, or None once it is complete.
+
+        Raises:
+            Retryable: the connection was lost.
+        """
+        return await self._next_result()
+
+    def read_copy(self) -> tuple[str, memoryview] | None:
+        """One buffered COPY_OUT message as (type letter, payload), None when none is buffered.
+
+        BASE_BACKUP's messages are ``n`` (new archive), ``d`` (data), ``p`` (progress) and ``m``
+        (manifest follows). When None, wait with ``wait_readable``.
+
+        Raises:
+            StreamEnded: the server sent CopyDone; read what follows with `next_result`.
+            Retryable: the connection broke.
+        """
+        try:
+            nbytes, buf = self.conn.get_copy_data(1)
+        except psycopg.OperationalError as exc:
+            raise Retryable(
+                f"COPY stream from {self.where} broke: {str(exc).strip()}",
+                hint="retrying with backoff",
+            ) from exc
+        if nbytes == 0:
+            return None
+        if nbytes == -1:
+            raise StreamEnded(None, None)
+        if nbytes < 0:
+            raise Retryable(
+                f"COPY stream from {self.where} broke: "
+                f"{self.conn.error_message.decode(errors='replace').strip()}"
+            )
+        mv = memoryview(buf)
+        return chr(mv[0]), mv[1:]
 
     async def start_replication(self, slot: str | None, start: int, timeline: int) -> None:
         """Send START_REPLICATION and wait for COPY_BOTH (some errors arrive later, P8)."""

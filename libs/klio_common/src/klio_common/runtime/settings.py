@@ -27,6 +27,8 @@ SERVICE_PORTS: dict[str, int] = {
     "relay": 9473,
     "retention": 9474,
 }
+MIN_CHUNK_SIZE = 8 * 1024  # one PostgreSQL page
+MAX_CHUNK_SIZE = 16 * 1024 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -142,6 +144,24 @@ class CompressionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
             yield "level", f"expected 1 to 22, got {self.level}"
 
 
+class BackupSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How base backups are taken (``backup:``), for every cluster."""
+
+    chunk_size: int = 131072
+    checkpoint: Literal["fast", "spread"] = "fast"
+    wal_timeout: float = 300.0
+    jobs: int = 2
+
+    def _problems(self) -> Problems:
+        size = self.chunk_size
+        if size & (size - 1) or not MIN_CHUNK_SIZE <= size <= MAX_CHUNK_SIZE:
+            yield "chunk_size", f"expected a power of two from 8192 to 16777216, got {size}"
+        if self.wal_timeout <= 0:
+            yield "wal_timeout", "must be greater than 0"
+        if not 1 <= self.jobs <= 64:
+            yield "jobs", f"expected 1 to 64, got {self.jobs}"
+
+
 class RetentionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Retention policies per tier, kept as text for the retention service to parse."""
 
@@ -218,6 +238,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     tier2: Tier2Settings | None = None
     encryption: EncryptionSettings | None = None
     compression: CompressionSettings = msgspec.field(default_factory=CompressionSettings)
+    backup: BackupSettings = msgspec.field(default_factory=BackupSettings)
     clusters: list[ClusterSettings] = []
     services: dict[str, ServiceSettings] = msgspec.field(default_factory=_default_services)
 
