@@ -80,7 +80,7 @@ def frames(obj: bytes) -> tuple[int, list[tuple[int, int]]]:
 
 
 def fix_crc(obj: bytearray, start: int, end: int) -> None:
-    """Recompute a frame's CRC so that only the AEAD tag can notice a change."""
+    """Recompute an unencrypted frame's CRC (an encrypted frame's covers only its fields)."""
     crc = zlib.crc32(obj[start + 21 : end], zlib.crc32(obj[start : start + 17]))
     obj[start + 17 : start + 21] = struct.pack(">I", crc)
 
@@ -161,9 +161,8 @@ def stat_mode(path: Path) -> int:
 def test_frame_failing_authentication_is_named(k1: KeyRing) -> None:
     obj = bytearray(encode(DATA, k1))
     _, spans = frames(bytes(obj))
-    start, end = spans[2]
-    obj[end - 5] ^= 0x40
-    fix_crc(obj, start, end)
+    _, end = spans[2]
+    obj[end - 5] ^= 0x40  # the CRC of an encrypted frame covers only its fields
     with pytest.raises(CorruptObject) as err:
         decode_object(bytes(obj), k1, source=SEG)
     assert corrupt_message(err) == f"{SEG} is corrupt: frame 2 failed authentication"
@@ -211,7 +210,7 @@ def test_frames_bound_to_their_header(k1: KeyRing) -> None:
         (lambda o, s: b"KLIOOBJ2" + o[8:], "not a klio object (bad magic)"),
         (lambda o, s: o[:20] + bytes([o[20] ^ 1]) + o[21:], "header checksum mismatch"),
         (
-            lambda o, s: o[: s[1][0] + 30] + b"\xff" + o[s[1][0] + 31 :],
+            lambda o, s: o[: s[1][0] + 12] + bytes([o[s[1][0] + 12] ^ 1]) + o[s[1][0] + 13 :],
             "frame 1 failed its checksum",
         ),
     ],
@@ -462,12 +461,13 @@ def test_damage_before_the_last_frame_raises(tmp_path: Path, k1: KeyRing) -> Non
     path = written_partial(tmp_path, k1)
     obj = bytearray(path.read_bytes())
     start, end = frames(bytes(obj))[1][1]
-    obj[end - 1] ^= 1
+    obj[start + 12] ^= 1  # a frame field: its CRC fails
     path.write_bytes(obj)
     with pytest.raises(CorruptObject) as err:
         read_partial(path, k1, source=SEG)
     assert corrupt_message(err) == f"{SEG} is corrupt: frame 1 failed its checksum"
-    fix_crc(obj, start, end)
+    obj[start + 12] ^= 1
+    obj[end - 1] ^= 1  # the payload: only the AEAD tag notices
     path.write_bytes(obj)
     with pytest.raises(CorruptObject, match="frame 1 failed authentication"):
         read_partial(path, k1, source=SEG)

@@ -34,7 +34,7 @@ FLAG_LAST: Final = 0x01
 _PREAMBLE = struct.Struct(">8sI")  # magic, header length
 _U32 = struct.Struct(">I")
 _FRAME = struct.Struct(">IBQI")  # payload length, flags, plaintext offset, plaintext length
-_FRAME_HEAD = _FRAME.size + _U32.size  # ... then crc32(frame fields + payload)
+_FRAME_HEAD = _FRAME.size + _U32.size  # ... then crc32 (see _frame_crc)
 _AAD = struct.Struct(">16sQBQI")  # header digest, frame index, flags, offset, plaintext length
 _NONCE_INDEX = struct.Struct(">Q")
 _PARALLEL_MIN = 4  # frames; below this, handing work to threads costs more than it saves
@@ -116,7 +116,14 @@ class _Sealer:
             aad = _AAD.pack(self.digest, index, flags, offset, size)
             payload = self.cipher.encrypt(nonce, payload, aad)
         fields = _FRAME.pack(len(payload), flags, offset, size)
-        return [fields, _U32.pack(zlib.crc32(payload, zlib.crc32(fields))), payload]
+        return [fields, _U32.pack(_frame_crc(fields, payload, self.cipher is not None)), payload]
+
+
+def _frame_crc(fields: bytes | memoryview, payload: bytes | memoryview, sealed: bool) -> int:
+    """CRC-32 of a frame: of its fields only when encrypted (the AEAD tag already covers the
+    payload and, through the AAD, the fields), of fields and payload otherwise."""
+    crc = zlib.crc32(fields)
+    return crc if sealed else zlib.crc32(payload, crc)
 
 
 def _map(fn: Callable[[_T], _R], items: Sequence[_T]) -> Iterator[_R]:
@@ -308,7 +315,7 @@ class _Opener:
     def _open(self, s: _Spec) -> bytes:
         view = s.view
         payload = view[s.pos + _FRAME_HEAD : s.end]
-        crc = zlib.crc32(payload, zlib.crc32(view[s.pos : s.pos + _FRAME.size]))
+        crc = _frame_crc(view[s.pos : s.pos + _FRAME.size], payload, self.cipher is not None)
         if crc != _U32.unpack_from(view, s.pos + _FRAME.size)[0]:
             raise _BadFrame(s.index, "failed its checksum", s.pos, s.end)
         data: bytes | memoryview = payload

@@ -302,7 +302,7 @@ class ClusterReceiver:
                 writer.poll()
                 now = time.monotonic()
                 if (sync and writer.received > writer.durable) or now - last_flush >= interval:
-                    await writer.flush()
+                    await writer.flush(inline=sync)
                     last_flush = now
                 if reply or writer.durable != reported or now - last_status >= interval:
                     await conn.send_status(int(writer.received), int(writer.durable))

@@ -69,6 +69,7 @@ class SegmentWriter:
         self._jobs: deque[Future[None]] = deque()
         self.seg: WalSegment | None = None
         self._buf = bytearray()
+        self._spare: list[bytearray] = []  # recycled segment buffers: no page faults per segment
         self._received = 0  # bytes of the open segment received (contiguous from offset 0)
         self._submitted = 0  # bytes of the open segment handed to the worker for the .partial
         self._verify_until = 0  # bytes already durable from an earlier run: must match exactly
@@ -89,7 +90,7 @@ class SegmentWriter:
         are loaded; the re-received bytes must match them, and the durable position starts there.
         """
         self.seg = seg
-        self._buf = bytearray(self.seg_size)
+        self._buf = self._spare.pop() if self._spare else bytearray(self.seg_size)
         self._received = self._submitted = self._verify_until = 0
         self._part = _Partial(seg, self.partial_path(seg))
         self.received = Lsn(seg.start_lsn)
@@ -195,7 +196,7 @@ class SegmentWriter:
         name = f"{seg.name}.partial" if partial else seg.name
         extra = {"end_lsn": str(Lsn(end))} if partial else None
         stored = self.archive.store_segment(
-            name, bytes(buf), codec=self.codec, keyring=self.keyring, extra=extra
+            name, memoryview(buf), codec=self.codec, keyring=self.keyring, extra=extra
         )
         part.close()
         path = part.path
@@ -205,6 +206,8 @@ class SegmentWriter:
         closed = ClosedSegment(name, seg, seg.start_lsn, end, stored, partial)
         self.on_closed(closed)
         self.durable = Lsn(max(self.durable, end))
+        if len(self._spare) < 2:
+            self._spare.append(buf)  # no job refers to it any more: the next segment reuses it
 
     # -- flushing -----------------------------------------------------------------------------
 
@@ -216,14 +219,21 @@ class SegmentWriter:
         while self._jobs and self._jobs[0].done():
             self._jobs.popleft().result()
 
-    async def flush(self) -> Lsn:
-        """Make everything received durable (append to the ``.partial`` and fsync); return it."""
+    async def flush(self, *, inline: bool = False) -> Lsn:
+        """Make everything received durable (append to the ``.partial`` and fsync); return it.
+
+        With ``inline`` (synchronous standby: a COMMIT waits for this) and nothing queued for the
+        worker, the append and fsync run right here, saving two thread hand-offs per commit.
+        """
         seg = self.seg
         if seg is not None and self._received > self._submitted:
             lo, hi = self._submitted, self._received
             self._submitted = hi
             buf, part = self._buf, self._part
-            self._submit(lambda: self._append_job(part, buf, lo, hi))
+            if inline and not self._jobs:
+                self._append_job(part, buf, lo, hi)
+            else:
+                self._submit(lambda: self._append_job(part, buf, lo, hi))
         await self.drain()
         return self.durable
 

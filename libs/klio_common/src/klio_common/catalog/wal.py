@@ -175,7 +175,7 @@ class WalArchive:
     def _store(
         self,
         path: Path,
-        plaintext: bytes,
+        plaintext: bytes | memoryview,
         *,
         kind: str,
         name: str,
@@ -203,7 +203,7 @@ class WalArchive:
     def store_segment(
         self,
         name: str,
-        plaintext: bytes,
+        plaintext: bytes | memoryview,
         *,
         codec: Codec,
         keyring: KeyRing,
