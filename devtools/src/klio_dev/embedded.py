@@ -27,7 +27,7 @@ from klio_dev.postgres import PostgresServer
 from klio_dev.s3 import S3Server
 from klio_dev.waiting import wait_until
 
-SERVICES = ["wal-receiver"]  # the services built so far; the others join as they land
+SERVICES = ["wal-receiver", "basebackup"]  # the services built so far; the others join as they land
 BIN = Path(sys.executable).parent
 
 
@@ -117,6 +117,53 @@ def _archived_segments(config: Path) -> int:
     return sum(1 for p in tier1.glob("*/0*") if not p.name.endswith(".partial"))
 
 
+def request_first_backup(config: Path, timeout: float = 180) -> str | None:
+    """Ask klio-basebackup for a backup of ``main`` (as ``klio backup run`` does); wait for it.
+
+    Returns:
+        The committed backup's id, or None when it is not committed within ``timeout`` seconds.
+    """
+    import asyncio
+
+    from klio_common.events import BackupRequested, now
+    from klio_common.events.codec import new_event_id
+    from klio_common.runtime.bus import Bus
+    from klio_common.runtime.settings import Settings
+
+    settings = Settings.load(config, {})
+
+    async def publish() -> None:
+        bus = await Bus.connect(settings.nats, name="klio-make-run", reconnect=False)
+        try:
+            await bus.ensure_stream()
+            await bus.publish_event(
+                BackupRequested(
+                    event_id=new_event_id(),
+                    occurred_at=now(),
+                    cluster="main",
+                    system_id="0",
+                    request_id=new_event_id(),
+                    requested_by="make run",
+                )
+            )
+        finally:
+            await bus.close()
+
+    asyncio.run(publish())
+    assert settings.tier1 is not None
+    backups = settings.tier1.path / "main" / "backups"
+    try:
+        found = wait_until(
+            lambda: sorted(p.parent.name for p in backups.glob("*/manifest")),
+            timeout,
+            "the first base backup",
+            interval=0.5,
+        )
+    except TimeoutError:
+        return None
+    return found[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run until Ctrl-C (or ``--duration`` seconds); 0 on a clean stop."""
     parser = argparse.ArgumentParser(prog="make run", description=__doc__)
@@ -152,6 +199,15 @@ def main(argv: list[str] | None = None) -> int:
             pg.switch_wal()
             wait_until(lambda: _archived_segments(config) > 0, 120, "a first archived segment")
             wait_until(lambda: "streaming" in status_text(config), 60, "the receiver streaming")
+            print("klio: taking a first base backup", flush=True)
+            backup_id = request_first_backup(config)
+            print(
+                f"klio: first base backup {backup_id} committed; try  {BIN / 'klio'} --config "
+                f"{config} backup list"
+                if backup_id
+                else "klio: the first base backup is not done yet; see logs/basebackup.log",
+                flush=True,
+            )
         deadline = time.monotonic() + args.duration if args.duration else None
         while not stopping and (deadline is None or time.monotonic() < deadline):
             print(f"\n--- {time.strftime('%H:%M:%S')} ---\n{status_text(config)}", flush=True)
