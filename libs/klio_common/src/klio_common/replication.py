@@ -253,6 +253,20 @@ class ReplicationConnection:
         mv = memoryview(buf)
         return chr(mv[0]), mv[1:]
 
+    def consume_input(self) -> None:
+        """Read whatever the socket holds now, without waiting (then try `read_copy` again).
+
+        Raises:
+            Retryable: the connection was lost.
+        """
+        try:
+            self.conn.consume_input()
+        except psycopg.OperationalError as exc:
+            raise Retryable(
+                f"connection to {self.where} lost: {str(exc).strip()}",
+                hint="retrying with backoff",
+            ) from exc
+
     async def start_replication(self, slot: str | None, start: int, timeline: int) -> None:
         """Send START_REPLICATION and wait for COPY_BOTH (some errors arrive later, P8)."""
         slot_part = f"SLOT {slot} " if slot else ""

@@ -260,6 +260,11 @@ async def run(conn: ReplicationConnection, sql: str, sink: Sink) -> BackupPositi
             msg = conn.read_copy()
             if msg is None:
                 await sink.pace()
+                # Usually the server is ahead and the socket already holds more: read it
+                # without the cost of a readiness wait (thousands per second otherwise).
+                conn.consume_input()
+                msg = conn.read_copy()
+            if msg is None:
                 await conn.wait_readable(None)
                 continue
             kind, payload = msg
