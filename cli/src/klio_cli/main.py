@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # not typing's: importing typing costs every restore_command ~2 ms
 if TYPE_CHECKING:
     import argparse
 
@@ -22,14 +22,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit status.
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    fast = fast_wal_restore(args)
+    depth, plain = prefetch_option(args)
+    fast = fast_wal_restore(plain)
     if fast is not None:
-        # PostgreSQL runs restore_command once per segment: skip argparse and every module
-        # wal-restore does not need (NATS, psycopg, S3).
+        # PostgreSQL runs restore_command once per segment: a prefetched segment is a rename
+        # (the spool module uses os only); else skip argparse and modules wal-restore does not
+        # need (NATS, psycopg, S3).
+        from klio_restore import spool
+
+        depth = spool.DEFAULT_DEPTH if depth is None else depth
+        if spool.serve(fast[2], fast[3], config=fast[0], cluster=fast[1], depth=depth):
+            return 0
         from klio_cli.wal import wal_restore
 
-        return wal_restore(*fast)
+        status = wal_restore(*fast)
+        if status == 0:
+            spool.follow(fast[2], fast[3], config=fast[0], cluster=fast[1], depth=depth)
+        return status
     return _dispatch(args)
+
+
+def prefetch_option(args: list[str]) -> tuple[int | None, list[str]]:
+    """Take ``--prefetch K`` (or ``--prefetch=K``) from right after ``wal-restore``.
+
+    Returns:
+        (K or None when absent, the other arguments). A malformed value is left in place for
+        argparse to report.
+    """
+    at = args.index("wal-restore") + 1 if "wal-restore" in args else len(args)
+    key, eq, value = args[at].partition("=") if at < len(args) else ("", "", "")
+    if key != "--prefetch":
+        return None, args
+    width = 1 if eq else 2
+    if not eq:
+        value = args[at + 1] if at + 1 < len(args) else ""
+    if not (value.isascii() and value.isdigit()):
+        return None, args
+    return int(value), args[:at] + args[at + width :]
 
 
 def fast_wal_restore(args: list[str]) -> tuple[str | None, str | None, str, str] | None:

@@ -28,6 +28,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     restore.add_argument("name", metavar="NAME", help="file name (%%f)")
     restore.add_argument("dest", metavar="DEST", help="destination path (%%p)")
+    restore.add_argument(
+        "--prefetch",
+        metavar="K",
+        type=_depth,
+        default=8,
+        help="decode the next K segments ahead into a spool beside DEST (default 8, 0: off)",
+    )
     restore.set_defaults(func=_restore_command)
 
     wal = commands.add_parser("wal", help="the WAL archive").add_subparsers(
@@ -72,7 +79,23 @@ def wal_restore(config: str | None, cluster: str | None, name: str, dest: str) -
 
 
 def _restore_command(ns: argparse.Namespace) -> int:
-    return wal_restore(ns.config, ns.cluster, ns.name, ns.dest)
+    from klio_restore import spool
+
+    config, cluster, depth = ns.config, ns.cluster, ns.prefetch
+    if spool.serve(ns.name, ns.dest, config=config, cluster=cluster, depth=depth):
+        return 0
+    status = wal_restore(config, cluster, ns.name, ns.dest)
+    if status == 0:
+        spool.follow(ns.name, ns.dest, config=config, cluster=cluster, depth=depth)
+    return status
+
+
+def _depth(text: str) -> int:
+    import argparse
+
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected a number of segments, 0 or more, not {text!r}")
+    return int(text)
 
 
 def _context(ns: argparse.Namespace) -> ClusterContext:

@@ -16,6 +16,9 @@ PostgreSQL runs ``restore_command`` once per file and reads only its exit status
 
 The file is written to a temporary name in ``%p``'s directory and renamed, so PostgreSQL never sees
 half a segment. There is no fsync: after a crash PostgreSQL fetches the file again.
+
+Segments usually do not come through here: ``klio wal-restore`` first renames the segment from
+the prefetch spool (``klio_restore.spool``) that ``klio_restore.prefetch`` fills ahead of replay.
 """
 
 from __future__ import annotations
@@ -84,14 +87,27 @@ def fetch(name: str, dest: Path, chain: list[Source]) -> bool:
         EncryptionKeyError: it cannot be decrypted with the configured keys.
         OSError: ``dest`` cannot be written.
     """
-    if not is_wal_file_name(name):
+    data = lookup(name, chain)
+    if data is None:
         return False
+    write_dest(dest, data)
+    return True
+
+
+def lookup(name: str, chain: list[Source]) -> bytes | None:
+    """The verified plaintext of WAL file ``name`` from the first source that has it, or None.
+
+    Raises:
+        CorruptObject: the archived file fails its checks.
+        EncryptionKeyError: it cannot be decrypted with the configured keys.
+    """
+    if not is_wal_file_name(name):
+        return None
     for source in chain:
         data = source(name)
         if data is not None:
-            write_dest(dest, data)
-            return True
-    return False
+            return data
+    return None
 
 
 def write_dest(dest: Path, data: bytes) -> None:
