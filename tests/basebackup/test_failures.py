@@ -134,3 +134,21 @@ def test_requests_unknown_cluster_dead_lettered_and_two_at_once_share_a_backup(
     assert {e["backup_id"] for e in started} == {done["backup_id"]}
     assert len(events(nats_server.url, "klio.main.backup.started")) == 2
     assert catalog_of(settings).ids() == [done["backup_id"]]
+
+
+def test_stopping_the_service_mid_backup_aborts_and_says_so(
+    pg: Any,
+    nats_server: Any,
+    tier1_dir: Path,
+    klio_config: KlioConfigWriter,
+) -> None:
+    settings = _config(klio_config, pg, nats_server, tier1_dir, None, wal_timeout=600)
+    catalog = catalog_of(settings)
+    with basebackup_inprocess(settings):
+        request_backup(settings)
+        (lease,) = wait_until(catalog.leases, 60, "the backup's lease")
+        wait_until(lambda: _phase(catalog, lease.id) == "waiting for WAL", 60, "the WAL wait")
+    (failed,) = events(nats_server.url, "klio.main.backup.failed")
+    assert failed["backup_id"] == lease.id
+    assert failed["reason"] == "the basebackup service stopped during the backup"
+    assert catalog.ids() == [] and list(catalog.dir.iterdir()) == []

@@ -147,17 +147,17 @@ class BackupJob:
     Args:
         ctx: the cluster.
         backup_id: the id; `BackupCatalog.begin` has written its lease.
-        request_id: the request it answers, None when scheduled.
+        request_ids: the requests it answers (``[None]`` when scheduled).
     """
 
-    def __init__(self, ctx: ClusterContext, backup_id: str, request_id: str | None) -> None:
+    def __init__(self, ctx: ClusterContext, backup_id: str, request_ids: list[str | None]) -> None:
         self.ctx = ctx
         self.id = backup_id
-        self.request_ids: list[str | None] = [request_id]
+        self.request_ids = list(request_ids)
         self.timeline: int | None = None
         self.start_lsn: int | None = None
         self.system_id = ctx.system_id()
-        self.settled = asyncio.Event()  # set once started, or once finished without starting
+        self.committing = False  # past the point where stopping could only tear the commit
         self.finished = False
 
     def started(self, tli: int, start: int) -> None:
@@ -165,11 +165,14 @@ class BackupJob:
         self.timeline, self.start_lsn = tli, start
         for request_id in self.request_ids:
             self.ctx.announce_started(self.id, request_id, tli, start, self.system_id)
-        self.settled.set()
         log.info("cluster %s: backup %s started at %s", self.ctx.name, self.id, Lsn(start))
 
     def serve(self, request_id: str) -> None:
-        """Answer another request with this backup (once it has started)."""
+        """Answer another request with this backup (at once if it has started, else when it does).
+
+        A backup that fails before it starts hands its waiting requests to a new backup (see
+        `ClusterRunner`), so every request is answered.
+        """
         if request_id in self.request_ids:
             return  # a redelivery: answered already, or will be when the backup starts
         self.request_ids.append(request_id)
@@ -207,7 +210,6 @@ class BackupJob:
                 await writer
             progress.finished()
             self.finished = True
-            self.settled.set()
         return manifest
 
     def _fail(self, reason: str) -> None:
@@ -297,6 +299,7 @@ class BackupJob:
             ],
             files=files,
         )
+        self.committing = True  # the runner lets a stop wait for the commit instead
         writer.cancel()  # progress.json must not reappear in a committed backup's directory
         with contextlib.suppress(asyncio.CancelledError):
             await writer

@@ -57,7 +57,8 @@ class ClusterRunner:
     def __init__(self, ctx: ClusterContext) -> None:
         self.ctx = ctx
         self.job: BackupJob | None = None
-        self._task: asyncio.Task[object] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     @property
     def running(self) -> bool:
@@ -65,8 +66,8 @@ class ClusterRunner:
 
     # -- starting -------------------------------------------------------------------------------
 
-    def start(self, request_id: str | None) -> BackupJob:
-        """Start a backup now (the caller checked that none runs)."""
+    def start(self, request_ids: list[str | None]) -> BackupJob:
+        """Start a backup now for ``request_ids`` (the caller checked that none runs)."""
         self.reconcile()
         when = datetime.now().astimezone()
         backup_id = new_backup_id(when)
@@ -74,26 +75,31 @@ class ClusterRunner:
         while self.ctx.catalog.backup_dir(backup_id).exists():
             when += timedelta(seconds=1)
             backup_id = new_backup_id(when)
-        self.ctx.catalog.begin(backup_id, request_id=request_id)
-        job = BackupJob(self.ctx, backup_id, request_id)
+        self.ctx.catalog.begin(backup_id, request_id=request_ids[0])
+        job = BackupJob(self.ctx, backup_id, request_ids)
         self.job = job
-        self._task = asyncio.create_task(job.run(), name=f"backup:{self.ctx.name}:{backup_id}")
+        self._task = asyncio.create_task(self._run(job), name=f"backup:{self.ctx.name}:{job.id}")
         return job
 
-    async def request(self, request_id: str) -> None:
+    async def _run(self, job: BackupJob) -> None:
+        await job.run()
+        waiting = [r for r in job.request_ids[1:] if r is not None]
+        if job.start_lsn is None and waiting and not self._stopping:
+            log.info(
+                "cluster %s: backup %s failed before it started; a new one serves %d request(s)",
+                self.ctx.name,
+                job.id,
+                len(waiting),
+            )
+            self.start(list(waiting))
+
+    def request(self, request_id: str) -> None:
         """Handle ``backup.requested``: start a backup, or answer with the one running."""
-        while True:
-            job = self.job
-            if job is None or job.finished:
-                self.start(request_id)
-                return
-            if request_id in job.request_ids:
-                return  # redelivered while its backup runs
-            await job.settled.wait()
-            if job.start_lsn is not None:
-                job.serve(request_id)
-                return
-            # It failed before it started: the request gets a backup of its own.
+        job = self.job
+        if job is None or job.finished:
+            self.start([request_id])
+        else:
+            job.serve(request_id)
 
     def scheduled(self) -> None:
         """The cron schedule fired."""
@@ -105,7 +111,7 @@ class ClusterRunner:
                 self.job.id,
             )
             return
-        self.start(None)
+        self.start([None])
 
     async def run_schedule(self, stop: asyncio.Event) -> None:
         """Start a backup at each time of the cluster's ``backup_schedule`` until ``stop``."""
@@ -127,18 +133,18 @@ class ClusterRunner:
                 due = times.get_next(datetime)
 
     async def shutdown(self) -> None:
-        """Stop a running backup (it aborts and announces ``backup.failed``)."""
-        task = self._task
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        """Stop a running backup (it aborts and announces ``backup.failed``).
 
-    async def wait_idle(self) -> None:
-        """Wait for the running backup, if any, to end (for tests and tools)."""
+        A backup that is committing is let finish: cancelling could only tear its commit.
+        """
+        self._stopping = True
         task = self._task
-        if task is not None:
-            await asyncio.wait({task})
+        if task is None or task.done():
+            return
+        if self.job is None or not self.job.committing:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     # -- reconciling ----------------------------------------------------------------------------
 

@@ -114,7 +114,7 @@ def request_handler(runners: dict[str, ClusterRunner]) -> Callable[[Event, Msg],
             event.requested_by,
             event.request_id,
         )
-        await runner.request(event.request_id)
+        runner.request(event.request_id)
 
     return handle
 
