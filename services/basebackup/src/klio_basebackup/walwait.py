@@ -18,8 +18,7 @@ POLL_EVERY = 1.0
 
 def wal_range(timeline: int, start_lsn: int, end_lsn: int, seg_size: int) -> list[WalSegment]:
     """The segments holding ``[start_lsn, end_lsn)`` on ``timeline`` (at least one)."""
-    segs = list(segments_between(timeline, start_lsn, max(end_lsn, start_lsn + 1), seg_size))
-    return segs
+    return list(segments_between(timeline, start_lsn, max(end_lsn, start_lsn + 1), seg_size))
 
 
 def check_identity(archive: WalArchive, system_id: str, backup_id: str) -> None:
