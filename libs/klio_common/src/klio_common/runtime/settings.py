@@ -162,6 +162,25 @@ class BackupSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             yield "jobs", f"expected 1 to 64, got {self.jobs}"
 
 
+class RelaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How the relay copies Tier 1 to the bucket (``relay:``)."""
+
+    concurrency: int = 4
+    reconcile_interval: float = 60.0
+    multipart_threshold: int = 64 * 1024 * 1024
+
+    def _problems(self) -> Problems:
+        if not 1 <= self.concurrency <= 64:
+            yield "concurrency", f"expected 1 to 64, got {self.concurrency}"
+        if self.reconcile_interval <= 0:
+            yield "reconcile_interval", "must be greater than 0"
+        if not 5 * 1024 * 1024 <= self.multipart_threshold <= 5 * 1024**3:
+            yield (
+                "multipart_threshold",
+                f"expected 5242880 (5 MiB) to 5368709120 (5 GiB), got {self.multipart_threshold}",
+            )
+
+
 class RetentionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Retention policies per tier, kept as text for the retention service to parse."""
 
@@ -238,6 +257,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     tier2: Tier2Settings | None = None
     encryption: EncryptionSettings | None = None
     compression: CompressionSettings = msgspec.field(default_factory=CompressionSettings)
+    relay: RelaySettings = msgspec.field(default_factory=RelaySettings)
     backup: BackupSettings = msgspec.field(default_factory=BackupSettings)
     clusters: list[ClusterSettings] = []
     services: dict[str, ServiceSettings] = msgspec.field(default_factory=_default_services)

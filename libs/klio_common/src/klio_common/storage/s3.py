@@ -1,0 +1,401 @@
+"""The S3 client (aioboto3): conditional, checksummed writes and reads, with actionable errors."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aioboto3
+import aiohttp
+import botocore.exceptions
+from botocore.config import Config
+
+from klio_common.errors import KlioError, NotFound, Permanent, Retryable
+from klio_common.runtime.settings import S3Settings
+
+MIN_PART_SIZE = 5 * 1024 * 1024  # S3's minimum for every part but the last
+MAX_PARTS = 10_000
+
+RequestObserver = Callable[[str, int], None]
+"""Called after every request as ``observer(op, body_bytes_sent)``, failed ones included."""
+
+_CREDENTIALS_HINT = (
+    "S3 credentials come from the standard AWS chain (AWS_ACCESS_KEY_ID and "
+    "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, web identity or the instance role): check them and "
+    "that they may read and write the bucket"
+)
+_ACCESS_CODES = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "403",
+}
+_BUCKET_CODES = {"NoSuchBucket", "AllAccessDisabled"}
+_TRANSIENT_CODES = {
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "ServiceUnavailable",
+    "InternalError",
+    "BadDigest",
+    "XAmzContentSHA256Mismatch",
+}
+
+
+class BucketUnavailable(Retryable):
+    """The bucket cannot be used now: unreachable, refused the credentials, or missing.
+
+    Retryable, since an operator can fix each of these without restarting anything.
+    ``reason`` is the short form for ``/readyz``.
+    """
+
+    def __init__(self, reason: str, *, hint: str | None = None) -> None:
+        self.reason = reason
+        super().__init__(reason, hint=hint)
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What the bucket says about one object.
+
+    Attributes:
+        key: the object key.
+        size: bytes stored.
+        checksum_sha256: the stored ``x-amz-checksum-sha256`` (base64; ``<b64>-<parts>`` for
+            a multipart upload), or None when it was stored without one (and in listings).
+        metadata: user metadata (``x-amz-meta-*``), keys in lower case.
+    """
+
+    key: str
+    size: int
+    checksum_sha256: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+def sha256_checksum(data: bytes | memoryview) -> str:
+    """The base64 SHA-256 S3 stores for a single-request upload of ``data``."""
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
+def part_size_for(size: int, threshold: int) -> int:
+    """The part size of a multipart upload of ``size`` bytes (at least 5 MiB, ≤ 10,000 parts)."""
+    part = max(MIN_PART_SIZE, threshold)
+    return max(part, -(-size // MAX_PARTS))
+
+
+def composite_checksum(data: bytes | memoryview, part_size: int) -> str:
+    """The base64 SHA-256 of the parts' SHA-256 digests: what S3 stores for a multipart upload."""
+    view = memoryview(data)
+    digests = b"".join(
+        hashlib.sha256(view[i : i + part_size]).digest() for i in range(0, len(view), part_size)
+    )
+    return base64.b64encode(hashlib.sha256(digests).digest()).decode()
+
+
+def same_checksum(stored: str | None, expected: str) -> bool:
+    """Whether a stored checksum (maybe with a ``-<parts>`` suffix) is ``expected``."""
+    return stored is not None and stored.split("-", 1)[0] == expected
+
+
+class S3Store:
+    """One bucket, through aioboto3. Use it as ``async with S3Store(settings) as store``.
+
+    Credentials come only from the standard AWS chain. botocore retries a request at most
+    ``attempts - 1`` times; retrying later is the caller's business (a `Retryable` error says
+    when).
+
+    Args:
+        settings: bucket, endpoint, region and TLS settings (``tier2.s3``).
+        observer: called after every request with the operation and the body bytes sent.
+        connect_timeout: seconds to connect to the endpoint.
+        read_timeout: seconds to wait for an answer.
+        attempts: tries per request (botocore's own retries; 2 = one retry).
+    """
+
+    def __init__(
+        self,
+        settings: S3Settings,
+        *,
+        observer: RequestObserver | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+        attempts: int = 2,
+    ) -> None:
+        self.settings = settings
+        self.bucket = settings.bucket
+        self.endpoint = settings.endpoint_url or f"AWS S3 ({settings.region})"
+        self._observer = observer
+        self._config = Config(
+            region_name=settings.region,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"max_attempts": attempts, "mode": "standard"},
+            s3={"addressing_style": "path" if settings.endpoint_url else "auto"},
+            # We send SHA-256 ourselves; no second (CRC) checksum on every request.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        self._stack = contextlib.AsyncExitStack()
+        self._client: Any = None
+
+    async def __aenter__(self) -> S3Store:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Create the client (no request is made)."""
+        if self._client is not None:
+            return
+        verify: bool | str = self.settings.verify_tls
+        if self.settings.ca_bundle is not None:
+            verify = str(self.settings.ca_bundle)
+        session = aioboto3.Session()
+        self._client = await self._stack.enter_async_context(
+            session.client(
+                "s3", endpoint_url=self.settings.endpoint_url, verify=verify, config=self._config
+            )
+        )
+
+    async def close(self) -> None:
+        """Close the client's connections."""
+        self._client = None
+        await self._stack.aclose()
+
+    # -- requests -------------------------------------------------------------------------------
+
+    async def _call(self, op: str, what: str, sent: int = 0, **params: Any) -> Any:
+        if self._client is None:
+            await self.open()
+        try:
+            return await getattr(self._client, op)(Bucket=self.bucket, **params)
+        except (botocore.exceptions.BotoCoreError, aiohttp.ClientError, OSError) as exc:
+            if isinstance(exc, botocore.exceptions.NoCredentialsError):
+                raise BucketUnavailable(
+                    f"no S3 credentials found for bucket '{self.bucket}'", hint=_CREDENTIALS_HINT
+                ) from exc
+            raise BucketUnavailable(
+                f"bucket unreachable: {what}: cannot reach {self.endpoint}: {exc}",
+                hint="check tier2.s3.endpoint_url, the network and the endpoint's TLS settings",
+            ) from exc
+        finally:
+            if self._observer is not None:
+                self._observer(op, sent)
+
+    def _client_error(self, exc: botocore.exceptions.ClientError, what: str) -> KlioError:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        detail = error.get("Message") or code or f"HTTP {status}"
+        if code in _ACCESS_CODES or status == 403:
+            return BucketUnavailable(
+                f"bucket '{self.bucket}' at {self.endpoint} refused the credentials: "
+                f"{code or status} ({detail})",
+                hint=_CREDENTIALS_HINT,
+            )
+        if code in _BUCKET_CODES:
+            return BucketUnavailable(
+                f"bucket '{self.bucket}' does not exist at {self.endpoint}",
+                hint="create the bucket, or fix tier2.s3.bucket and tier2.s3.endpoint_url",
+            )
+        if code in _TRANSIENT_CODES or status >= 500 or status == 0:
+            return BucketUnavailable(f"bucket unreachable: {what} failed: {code} ({detail})")
+        return Permanent(f"{what} failed: {code or status} ({detail})")
+
+    async def check(self) -> None:
+        """Check that the bucket exists and the credentials may list it (one request).
+
+        Raises:
+            BucketUnavailable: unreachable endpoint, refused credentials or no such bucket;
+                the message says which, with a hint.
+            Permanent: any other refusal.
+        """
+        try:
+            await self._call(
+                "list_objects_v2", "listing the bucket", Prefix=self.settings.prefix, MaxKeys=1
+            )
+        except botocore.exceptions.ClientError as exc:
+            raise self._client_error(exc, f"listing bucket '{self.bucket}'") from exc
+
+    async def put_if_absent(
+        self, key: str, data: bytes, *, metadata: Mapping[str, str] | None = None
+    ) -> bool:
+        """Store ``data`` under ``key`` unless something is there (``If-None-Match: *``).
+
+        The body carries its SHA-256 (``x-amz-checksum-sha256``), which S3 checks and stores.
+
+        Returns:
+            True when stored; False when the key already exists (nothing was changed).
+
+        Raises:
+            BucketUnavailable: see `check`; Permanent: the request was refused otherwise.
+        """
+        try:
+            await self._call(
+                "put_object",
+                f"uploading {key}",
+                len(data),
+                Key=key,
+                Body=data,
+                IfNoneMatch="*",
+                ChecksumAlgorithm="SHA256",
+                ChecksumSHA256=sha256_checksum(data),
+                Metadata=dict(metadata or {}),
+            )
+        except botocore.exceptions.ClientError as exc:
+            if _precondition_failed(exc):
+                return False
+            raise self._client_error(exc, f"uploading {key}") from exc
+        return True
+
+    async def put_multipart_if_absent(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        part_size: int,
+        metadata: Mapping[str, str] | None = None,
+    ) -> bool:
+        """Like `put_if_absent`, in parts of ``part_size`` bytes (each with its SHA-256).
+
+        The stored checksum is then `composite_checksum` ``(data, part_size)``. An upload that
+        fails or finds the key taken is aborted, so no parts are left behind.
+        """
+        if part_size < MIN_PART_SIZE:
+            raise ValueError(f"part size {part_size} is below S3's minimum of {MIN_PART_SIZE}")
+        try:
+            started = await self._call(
+                "create_multipart_upload",
+                f"starting the upload of {key}",
+                Key=key,
+                ChecksumAlgorithm="SHA256",
+                Metadata=dict(metadata or {}),
+            )
+        except botocore.exceptions.ClientError as exc:
+            raise self._client_error(exc, f"starting the upload of {key}") from exc
+        upload_id = started["UploadId"]
+        done = False
+        try:
+            parts = []
+            view = memoryview(data)
+            for number, offset in enumerate(range(0, len(data), part_size), start=1):
+                body = bytes(view[offset : offset + part_size])
+                checksum = sha256_checksum(body)
+                answer = await self._call(
+                    "upload_part",
+                    f"uploading part {number} of {key}",
+                    len(body),
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=body,
+                    ChecksumAlgorithm="SHA256",
+                    ChecksumSHA256=checksum,
+                )
+                parts.append(
+                    {"PartNumber": number, "ETag": answer["ETag"], "ChecksumSHA256": checksum}
+                )
+            try:
+                await self._call(
+                    "complete_multipart_upload",
+                    f"completing the upload of {key}",
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                    IfNoneMatch="*",
+                )
+            except botocore.exceptions.ClientError as exc:
+                if _precondition_failed(exc):
+                    return False
+                raise
+            done = True
+        except botocore.exceptions.ClientError as exc:
+            raise self._client_error(exc, f"uploading {key}") from exc
+        finally:
+            if not done:
+                with contextlib.suppress(KlioError, botocore.exceptions.ClientError):
+                    await self._call(
+                        "abort_multipart_upload", f"aborting {key}", Key=key, UploadId=upload_id
+                    )
+        return True
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        """Size, stored checksum and metadata of ``key``, or None when it does not exist."""
+        try:
+            answer = await self._call(
+                "head_object", f"checking {key}", Key=key, ChecksumMode="ENABLED"
+            )
+        except botocore.exceptions.ClientError as exc:
+            if _not_found(exc):
+                return None
+            raise self._client_error(exc, f"checking {key}") from exc
+        return ObjectInfo(
+            key=key,
+            size=int(answer["ContentLength"]),
+            checksum_sha256=answer.get("ChecksumSHA256"),
+            metadata={k.lower(): v for k, v in (answer.get("Metadata") or {}).items()},
+        )
+
+    async def get(self, key: str) -> bytes:
+        """The bytes of ``key``.
+
+        Raises:
+            NotFound: no such object; BucketUnavailable / Permanent: see `check`.
+        """
+        try:
+            answer = await self._call("get_object", f"downloading {key}", Key=key)
+            async with answer["Body"] as body:
+                data: bytes = await body.read()
+        except botocore.exceptions.ClientError as exc:
+            if _not_found(exc):
+                raise NotFound(f"object {key} is not in bucket '{self.bucket}'") from exc
+            raise self._client_error(exc, f"downloading {key}") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise BucketUnavailable(f"bucket unreachable: downloading {key}: {exc}") from exc
+        return data
+
+    async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix``, in key order (no checksums)."""
+        token: str | None = None
+        while True:
+            params: dict[str, Any] = {"Prefix": prefix}
+            if token:
+                params["ContinuationToken"] = token
+            try:
+                page = await self._call("list_objects_v2", f"listing {prefix}", **params)
+            except botocore.exceptions.ClientError as exc:
+                raise self._client_error(exc, f"listing {prefix}") from exc
+            for item in page.get("Contents", []):
+                yield ObjectInfo(key=item["Key"], size=int(item["Size"]))
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+
+    async def delete(self, key: str) -> None:
+        """Delete ``key`` (no error when it does not exist)."""
+        try:
+            await self._call("delete_object", f"deleting {key}", Key=key)
+        except botocore.exceptions.ClientError as exc:
+            raise self._client_error(exc, f"deleting {key}") from exc
+
+
+def _precondition_failed(exc: botocore.exceptions.ClientError) -> bool:
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    code = exc.response.get("Error", {}).get("Code")
+    return bool(status == 412 or code == "PreconditionFailed")
+
+
+def _not_found(exc: botocore.exceptions.ClientError) -> bool:
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    code = exc.response.get("Error", {}).get("Code")
+    return bool(status == 404 and code in ("404", "NoSuchKey"))

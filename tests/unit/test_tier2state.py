@@ -1,0 +1,56 @@
+"""The Tier-2 journal: append and fsync per batch, load, survive a torn line, rebuild."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from klio_common.storage.tier2state import JOURNAL, UNKNOWN_SHA256, Tier2Entry, Tier2State
+
+A = Tier2Entry("wal/0000000100000000/000000010000000000000001", "a" * 64, 100)
+B = Tier2Entry("chunks/ab/cd/" + "ab" + "cd" * 31, "b" * 64, 200)
+C = Tier2Entry("identity.json", UNKNOWN_SHA256, 50)
+
+
+def test_recorded_entries_survive_a_restart(tmp_path: Path) -> None:
+    state = Tier2State(tmp_path, file_mode=0o640, dir_mode=0o750)
+    assert not state.exists and state.load() == 0
+    state.record([A, B])
+    state.record([])
+    assert A.path in state and state.get(B.path) == B and len(state) == 2
+    assert (tmp_path / JOURNAL).stat().st_mode & 0o777 == 0o640
+    again = Tier2State(tmp_path)
+    assert again.exists and again.load() == 2
+    assert set(again) == {A, B}
+
+
+def test_a_torn_last_line_is_ignored_and_not_merged_with_the_next(tmp_path: Path) -> None:
+    state = Tier2State(tmp_path)
+    state.record([A])
+    with (tmp_path / JOURNAL).open("ab") as f:
+        f.write(B.line()[:20])  # a crash in the middle of an append
+    again = Tier2State(tmp_path)
+    assert again.load() == 1
+    again.record([C])
+    third = Tier2State(tmp_path)
+    assert third.load() == 2
+    assert set(third) == {A, C}
+
+
+def test_rebuild_replaces_the_journal(tmp_path: Path) -> None:
+    state = Tier2State(tmp_path)
+    state.record([A])
+    assert state.rebuild([B, C, C]) == 2
+    assert A.path not in state
+    again = Tier2State(tmp_path)
+    assert again.load() == 2 and set(again) == {B, C}
+
+
+def test_garbage_lines_and_unjournalable_paths(tmp_path: Path) -> None:
+    (tmp_path / "tier2").mkdir()
+    (tmp_path / JOURNAL).write_bytes(b"x\ty\n\tnope\t1\npath\t" + b"a" * 64 + b"\t-5\n" + A.line())
+    state = Tier2State(tmp_path)
+    assert state.load() == 1 and A.path in state
+    with pytest.raises(ValueError):
+        Tier2Entry("a\tb", "-", 1).line()
