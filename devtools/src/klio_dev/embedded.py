@@ -117,7 +117,7 @@ def _archived_segments(config: Path) -> int:
     return sum(1 for p in tier1.glob("*/0*") if not p.name.endswith(".partial"))
 
 
-def request_first_backup(config: Path, timeout: float = 180) -> str | None:
+def request_first_backup(config: Path, timeout: float = 60) -> str | None:
     """Ask klio-basebackup for a backup of ``main`` (as ``klio backup run`` does); wait for it.
 
     Returns:
