@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import tarfile
+import urllib.error
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +29,7 @@ from klio_common.pg.walname import WalSegment
 from klio_common.runtime.settings import Settings
 from klio_dev import PostgresServer
 from klio_dev.postgres import run_as_postgres
+from klio_dev.waiting import wait_until
 from tests.wal_receiver.helpers import KLIO, archive_of, keyring_of, postgres_dir, wait_closed
 
 
@@ -175,6 +178,30 @@ def store_backup(
     return manifest
 
 
+def wait_ready(settings: Settings, service: str, *, timeout: float = 60) -> None:
+    """Wait until a service started in-process answers ``/readyz`` with 200."""
+    port = settings.service(service).http_port
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
+                return bool(answer.status == 200)
+        except urllib.error.HTTPError as exc:  # 503 until ready; its body holds the socket
+            exc.close()
+            return False
+
+    wait_until(ready, timeout, f"{service} ready", interval=0.1, ignore=(OSError,))
+
+
+def backup_now(config: Path, settings: Settings, cluster: str = "main") -> BackupManifest:
+    """``klio backup run --wait --json`` against the running basebackup service."""
+    done = klio(config, "backup", "run", "--wait", "--json", as_postgres=False)
+    assert done.returncode == 0, output_of(done)
+    doc = json.loads(done.stdout)
+    assert doc["status"] == "done", doc
+    return catalog_parts(settings, cluster)[0].load(doc["backup_id"])
+
+
 def klio(
     config: Path, *args: str, as_postgres: bool = True, cluster: str | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -206,19 +233,24 @@ def restore_server(
     config: Path,
     name: str,
     *restore_args: str,
-    settings: dict[str, Any] | None = None,
+    verify_ignore: tuple[str, ...] = (),
 ) -> Restored:
     """``klio restore --pgdata`` (as postgres) into a new server's data directory; not started.
 
     Before the server's own configuration is written, the materialised directory is checked
-    with ``pg_verifybackup -n`` against the backup_manifest klio left in it.
+    with ``pg_verifybackup -n`` against the backup_manifest klio left in it (``verify_ignore``:
+    paths it skips, e.g. relocated tablespaces, which it cannot follow before PostgreSQL
+    links them).
     """
-    server = PostgresServer(workdir, name=name, settings=settings or {"shared_buffers": "32MB"})
+    server = PostgresServer(workdir, name=name, settings={"shared_buffers": "32MB"})
     server._prepare_root()
     done = klio(config, "restore", "--pgdata", str(server.data_dir), "--json", *restore_args)
     assert done.returncode == 0, output_of(done)
     summary = json.loads(done.stdout)
-    verified = run_as_postgres(["pg_verifybackup", "-n", str(server.data_dir)], check=False)
+    ignore = [arg for path in verify_ignore for arg in ("-i", path)]
+    verified = run_as_postgres(
+        ["pg_verifybackup", "-n", *ignore, str(server.data_dir)], check=False
+    )
     assert verified.returncode == 0, f"{name}: pg_verifybackup: {verified.stderr}{verified.stdout}"
     server._write_config()
     server._write_password_file()

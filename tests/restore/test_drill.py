@@ -11,7 +11,8 @@ from typing import Any
 from klio_dev import PostgresServer, ServerError
 from klio_dev.postgres import run_as_postgres
 from klio_dev.waiting import wait_until
-from tests.restore.helpers import Restored, restore_server, store_backup
+from tests.basebackup.helpers import basebackup_inprocess
+from tests.restore.helpers import Restored, backup_now, restore_server, wait_ready
 from tests.wal_receiver.helpers import load, receiver_inprocess, wait_closed
 
 
@@ -98,17 +99,18 @@ def test_restore_drill(
     settings = load(config)
     marks: dict[int, Mark] = {}
     pg.execute("CREATE TABLE marker (id int PRIMARY KEY)")
-    with receiver_inprocess(settings):
+    with receiver_inprocess(settings), basebackup_inprocess(settings):
+        wait_ready(settings, "basebackup")
         pg.pgbench_init(scale=5)
         load_run = threading.Thread(target=pg.pgbench, args=(2,), kwargs={"seconds": 6})
         load_run.start()
         for row in (1, 2, 3):
             marks[row] = mark(pg, row)
-        first = store_backup(pg, settings, workdir)  # in the middle of the load
+        first = backup_now(config, settings)  # in the middle of the load
         for row in range(4, 13):
             marks[row] = mark(pg, row)
         load_run.join(120)
-        second = store_backup(pg, settings, workdir)
+        second = backup_now(config, settings)
         for row in (13, 14):
             marks[row] = mark(pg, row)
         pg.execute("SELECT pg_create_restore_point('klio_drill')")

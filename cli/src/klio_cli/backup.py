@@ -127,7 +127,7 @@ def show_command(ns: argparse.Namespace) -> int:
         ("status", "done"),
         (
             "cluster",
-            f"{doc['cluster']} (system {doc['system_id']}, PostgreSQL {doc['pg_version']})",
+            f"{doc['cluster']} (system {doc['system_id']}, PostgreSQL {_version(doc)})",
         ),
         ("label", doc["label"]),
         ("timeline", str(doc["timeline"])),
@@ -150,6 +150,11 @@ def show_command(ns: argparse.Namespace) -> int:
     ]
     output.table(rows)
     return 0
+
+
+def _version(doc: dict[str, Any]) -> str:
+    number = int(doc["pg_version"])
+    return f"{number // 10000}.{number % 10000}"
 
 
 # -- run ----------------------------------------------------------------------------------------

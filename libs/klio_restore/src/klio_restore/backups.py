@@ -60,7 +60,7 @@ def summary(manifest: BackupManifest) -> dict[str, Any]:
 
 
 def read_progress(catalog: BackupCatalog, backup_id: str) -> dict[str, Any]:
-    """``progress.json`` of a backup in progress: ``bytes_done`` and ``bytes_estimated``.
+    """``progress.json`` of a backup in progress: ``phase``, ``bytes_done``, ``bytes_estimated``.
 
     Missing or torn files read as no progress yet.
     """
@@ -73,7 +73,9 @@ def read_progress(catalog: BackupCatalog, backup_id: str) -> dict[str, Any]:
         raw = {}
     done = raw.get("bytes_done")
     estimate = next((raw[k] for k in _ESTIMATE_KEYS if raw.get(k) is not None), None)
+    phase = raw.get("phase")
     return {
+        "phase": phase if isinstance(phase, str) else None,
         "bytes_done": int(done) if isinstance(done, int | float) else 0,
         "bytes_estimated": int(estimate) if isinstance(estimate, int | float) else None,
     }
@@ -109,6 +111,7 @@ def running(catalog: BackupCatalog, lease: Lease, now: float | None = None) -> d
         "end_time": None,
         "size": None,
         "stored_size": None,
+        "phase": progress["phase"],
         "bytes_done": progress["bytes_done"],
         "bytes_estimated": progress["bytes_estimated"],
         "running_seconds": round((now or time.time()) - lease.started_at, 1),

@@ -117,7 +117,8 @@ def parse_target(
     Raises:
         TargetError: more than one target, or a value PostgreSQL would not accept.
     """
-    given = [k for k, v in zip(KINDS, (time, lsn, xid, name, immediate), strict=True) if v]
+    values = (time, lsn, xid, name, immediate or None)
+    given = [k for k, v in zip(KINDS, values, strict=True) if v is not None]
     if len(given) > 1:
         raise TargetError(
             "more than one recovery target: " + ", ".join(f"--target-{k}" for k in given),
