@@ -15,6 +15,7 @@ import pytest
 
 from klio_common.runtime.settings import Settings
 from klio_common.storage.layout import chunk_path, manifest_path
+from klio_common.storage.tier2state import JOURNAL, UNKNOWN_SHA256, Tier2Entry, Tier2State
 from klio_dev import NatsServer
 from klio_dev.waiting import wait_until
 from tests.fixtures.paths import BUCKET, KlioConfigWriter
@@ -24,6 +25,7 @@ from tests.relay.helpers import (
     announce_backup,
     assert_bucket_mirrors,
     bucket_objects,
+    cluster_dir,
     http_get,
     load,
     make_backup,
@@ -223,3 +225,36 @@ def test_events_lost_for_good_are_made_good_by_reconciliation(
         fresh.stop()
     assert {p.rsplit("/", 1)[1] for p in paths} <= relayed
     assert_bucket_mirrors(s3_server, settings, expected, "main/")
+
+
+def test_a_lost_journal_is_rebuilt_from_the_bucket_without_sending_again(
+    pg: Any,
+    nats_server: Any,
+    s3_server: Any,
+    tier1_dir: Path,
+    klio_config: KlioConfigWriter,
+) -> None:
+    settings = load(klio_config(pg=pg, nats=nats_server, tier1=tier1_dir, s3=s3_server))
+    with receiver_inprocess(settings):
+        pg.execute("CREATE TABLE t AS SELECT generate_series(1, 10000) x")
+        for _ in range(3):
+            paths = _close_all(pg, settings)
+    with relay_inprocess(settings):
+        wait_in_bucket(s3_server, {f"main/{p}" for p in paths})
+        wait_until(lambda: sample("klio_relay_lag_segments", cluster="main") == 0, 30, "no lag")
+    root = cluster_dir(settings)
+    (root / JOURNAL).unlink()
+    gone = sorted(paths)[0]
+    (root / gone).unlink()  # as retention would, once it is on Tier 2
+    puts = sample("klio_relay_requests_total", op="put")
+    heads = sample("klio_relay_requests_total", op="head")
+    with relay_inprocess(settings):
+        wait_until(lambda: (root / JOURNAL).exists(), 60, "the journal to be rebuilt")
+        state = Tier2State(root)
+        wait_until(lambda: state.load() >= len(paths), 60, "every object journaled again")
+    assert {e.path for e in state} == paths
+    assert state.get(gone) == Tier2Entry(
+        gone, UNKNOWN_SHA256, bucket_objects(s3_server)[f"main/{gone}"]
+    )
+    assert sample("klio_relay_requests_total", op="put") == puts  # checked by HEAD, not sent
+    assert sample("klio_relay_requests_total", op="head") >= heads + len(paths) - 1

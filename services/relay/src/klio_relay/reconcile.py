@@ -90,13 +90,20 @@ class Reconciler:
         relays: the clusters.
         probe: reconciliation waits while the bucket is unusable.
         interval: seconds between passes (``relay.reconcile_interval``).
+        wake: set it to start a pass now (e.g. when the bucket answers again).
     """
 
-    def __init__(self, relays: Sequence[ClusterRelay], probe: BucketProbe, interval: float) -> None:
+    def __init__(
+        self,
+        relays: Sequence[ClusterRelay],
+        probe: BucketProbe,
+        interval: float,
+        wake: asyncio.Event | None = None,
+    ) -> None:
         self.relays = list(relays)
         self.probe = probe
         self.interval = interval
-        self.wake = asyncio.Event()
+        self.wake = wake if wake is not None else asyncio.Event()
         self.passes = 0
 
     async def run(self, stop: asyncio.Event) -> None:

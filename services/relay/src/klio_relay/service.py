@@ -29,6 +29,7 @@ SERVICE = "relay"
 BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 # An outage of the bucket is waited out for days (naks every minute), not dead-lettered.
 MAX_DELIVER = 10_000
+STOP_WAIT = 10.0  # seconds of the shutdown grace given to uploads in flight
 
 
 class BusKeeper:
@@ -156,8 +157,7 @@ async def main(settings: Settings, stop: asyncio.Event, health: Health) -> None:
             )
             for c in settings.clusters
         }
-        reconciler = Reconciler(list(relays.values()), probe, config.reconcile_interval)
-        reconciler.wake = wake
+        reconciler = Reconciler(list(relays.values()), probe, config.reconcile_interval, wake)
         keeper = BusKeeper(settings)
         health.add_check("bucket", probe.readiness)
         health.add_check("nats", keeper.readiness)
@@ -177,7 +177,7 @@ async def main(settings: Settings, stop: asyncio.Event, health: Health) -> None:
         try:
             await stop.wait()
         finally:
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await _wind_down(tasks)
             await keeper.close()
 
 
@@ -224,6 +224,18 @@ async def _work(
                 )
         health.set_ready("consumers", True, "bound")
         log.info("relaying %s", ", ".join(relays) or "no cluster")
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _wind_down(tasks: list[asyncio.Task[None]]) -> None:
+    """Let the tasks finish what they hold; cancel uploads a frozen bucket keeps hanging.
+
+    A cancelled upload is harmless: its message is redelivered, its object relayed again.
+    """
+    _, pending = await asyncio.wait(tasks, timeout=STOP_WAIT)
+    for task in pending:
+        log.warning("stopping %s without waiting for it any longer", task.get_name())
+        task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
 
 

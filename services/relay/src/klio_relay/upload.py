@@ -221,7 +221,7 @@ class Uploader:
                 if uploaded:
                     # Our own upload does not read back as sent: corrupted on the way or
                     # replaced at once. Retrying settles which (a later PUT is refused).
-                    raise BucketUnavailable(f"upload of {key} did not verify: {decision.reason}")
+                    raise Retryable(f"upload of {key} did not verify: {decision.reason}")
                 self.metrics.conflicts.inc()
                 raise ConflictError(
                     f"object {key} in bucket '{self.store.bucket}' differs from {path} on "
@@ -231,7 +231,7 @@ class Uploader:
                 )
             info = None  # UPLOAD: gone since the HEAD; try again
         else:
-            raise BucketUnavailable(f"bucket unreachable: {key} keeps vanishing after upload")
+            raise Retryable(f"{key} keeps vanishing from the bucket right after its upload")
         self.probe.succeeded()
         self.listed.discard(path)
         if uploaded:
@@ -252,8 +252,3 @@ class Uploader:
                 key, data, part_size=part, metadata=metadata
             )
         return await self.store.put_if_absent(key, data, metadata=metadata)
-
-
-def is_retryable(exc: BaseException) -> bool:
-    """Whether a relay error may go away by itself (bucket, network, full volume)."""
-    return isinstance(exc, Retryable) or not isinstance(exc, Permanent)
