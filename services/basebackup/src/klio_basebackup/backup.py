@@ -78,16 +78,23 @@ class ClusterContext:
         )
         self.wake()
 
-    def announce_failed(self, backup_id: str, reason: str, system_id: str | None = None) -> None:
-        """Say that a backup failed and left nothing visible."""
+    def announce_failed(
+        self,
+        backup_id: str,
+        reason: str,
+        system_id: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        """Say that a backup failed and left nothing visible (once per request it answers)."""
         self.outbox.put(
             BackupFailed(
-                event_id=event_id_for(self.name, "backup.failed", backup_id),
+                event_id=event_id_for(self.name, "backup.failed", backup_id, request_id or ""),
                 occurred_at=now(),
                 cluster=self.name,
                 system_id=system_id or self.system_id(),
                 backup_id=backup_id,
                 reason=reason,
+                request_id=request_id,
             )
         )
         self.wake()
@@ -224,7 +231,8 @@ class BackupJob:
             reason,
             extra={"cluster": self.ctx.name, "backup_id": self.id},
         )
-        self.ctx.announce_failed(self.id, reason, self.system_id)
+        for request_id in self.request_ids:
+            self.ctx.announce_failed(self.id, reason, self.system_id, request_id)
 
     async def _take(self, progress: Progress, writer: asyncio.Task[None]) -> BackupManifest:
         ctx, settings = self.ctx, self.ctx.backup

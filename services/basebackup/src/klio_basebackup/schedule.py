@@ -178,7 +178,9 @@ class ClusterRunner:
                 catalog.abort(lease.id)
                 removed.append(lease.id)
                 self.ctx.announce_failed(
-                    lease.id, f"klio-basebackup stopped before backup {lease.id} finished ({why})"
+                    lease.id,
+                    f"klio-basebackup stopped before backup {lease.id} finished ({why})",
+                    request_id=lease.request_id,
                 )
         if catalog.dir.is_dir():
             for entry in os.scandir(catalog.dir):

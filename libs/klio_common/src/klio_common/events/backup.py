@@ -65,3 +65,7 @@ class BackupFailed(Event, frozen=True, tag="backup.failed"):
 
     backup_id: BackupId
     reason: Annotated[str, msgspec.Meta(description="the error, as the service logged it")]
+    request_id: Annotated[
+        NonEmpty | None,
+        msgspec.Meta(description="the request that asked for this backup; null when scheduled"),
+    ] = None
