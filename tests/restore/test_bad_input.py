@@ -94,7 +94,7 @@ def test_flipped_byte_in_a_chunk_is_named_by_file(backed_up: Backed) -> None:
     assert [p["file"] for p in doc["problems"]] == [relation], doc
     assert doc["ok"] is False
 
-    new = b.area / "new"
+    new = b.area / "new" / "pgdata"
     done = klio(b.config, "restore", "--pgdata", str(new), "--jobs", "2")
     assert_refused(done, f"file {relation}", chunk)
-    assert not new.exists(), "a failed restore must remove what it wrote"
+    assert not new.parent.exists(), "a failed restore must remove what it created"

@@ -44,6 +44,20 @@ def test_tablespace_is_restored_to_a_new_location(
     assert f"--tablespace-map {original}=" in refused.stderr, output_of(refused)
     assert not (area / "refused").exists()
 
+    busy = area / "busy"
+    busy.mkdir()
+    (busy / "old").write_text("x")
+    refused = klio(
+        config,
+        "restore",
+        "--pgdata",
+        str(area / "refused"),
+        "--tablespace-map",
+        f"{original}={busy}",
+    )
+    assert refused.returncode == 1 and "is not empty" in refused.stderr, output_of(refused)
+    assert not (area / "refused").exists() and [p.name for p in busy.iterdir()] == ["old"]
+
     new = area / "relocated" / "ts"
     restored = restore_server(
         workdir,

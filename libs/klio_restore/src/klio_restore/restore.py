@@ -139,7 +139,7 @@ def restore(
     check_archive_reach(ctx.archive, ctx.keyring, backup, request.target)
 
     roots = [pgdata, *locations.values()]
-    made = [not p.exists() for p in roots]
+    made = [_first_missing(p) for p in roots]
     try:
         for root in roots:
             root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -153,8 +153,8 @@ def restore(
         for root in roots:
             syncfs(root)
     except BaseException:
-        for root, created in zip(roots, made, strict=True):
-            _remove(root, whole=created)
+        for root, top in zip(roots, made, strict=True):
+            _remove(root, created=top)
         raise
     return RestoreResult(
         backup=backup,
@@ -374,10 +374,18 @@ def syncfs(path: Path) -> None:
         os.close(fd)
 
 
-def _remove(root: Path, *, whole: bool) -> None:
-    """Undo a failed restore: remove ``root`` if we created it, else empty it."""
-    if whole:
-        shutil.rmtree(root, ignore_errors=True)
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory a restore to ``path`` creates, or None when ``path`` exists."""
+    top = None
+    while not path.exists() and path != path.parent:
+        top, path = path, path.parent
+    return top
+
+
+def _remove(root: Path, *, created: Path | None) -> None:
+    """Undo a failed restore: remove what we created above ``root``, else empty ``root``."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
         return
     if not root.is_dir():
         return
