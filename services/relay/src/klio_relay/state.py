@@ -66,7 +66,8 @@ class Lag:
     """What one cluster still has to relay, exported as the three lag gauges.
 
     Items are keyed by their relative path (WAL files) or ``backup:<id>`` (backups); ``since`` is
-    when the item appeared on Tier 1.
+    when the item appeared on Tier 1. Scrapes may come from another thread, so readers copy the
+    items first (one atomic step) rather than iterate over the live dict.
     """
 
     def __init__(self, cluster: str, metrics: RelayMetrics) -> None:
@@ -92,11 +93,11 @@ class Lag:
 
     def segments(self) -> float:
         """WAL files waiting."""
-        return float(sum(1 for item in self._items.values() if item.wal))
+        return float(sum(1 for item in list(self._items.values()) if item.wal))
 
     def bytes(self) -> float:
         """Stored bytes waiting (for backups: the bytes of the chunks they added)."""
-        return float(sum(item.size for item in self._items.values()))
+        return float(sum(item.size for item in list(self._items.values())))
 
     def seconds(self) -> float:
         """Seconds since the oldest waiting item appeared on Tier 1; 0 when nothing waits."""
