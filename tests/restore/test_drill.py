@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from klio_dev import PostgresServer, ServerError
 from klio_dev.postgres import run_as_postgres
 from klio_dev.waiting import wait_until
 from tests.basebackup.helpers import basebackup_inprocess
-from tests.restore.helpers import Restored, backup_now, restore_server, wait_ready
+from tests.restore.helpers import Restored, backup_now, klio, restore_server, wait_ready
 from tests.wal_receiver.helpers import load, receiver_inprocess, wait_closed
 
 
@@ -159,6 +160,10 @@ def test_restore_drill(
         Case("end", (), 16, second.id, None),
     ]
     with ThreadPoolExecutor(max_workers=3) as pool:
+        verified = pool.submit(klio, config, "verify", "--backup", first.id, "--json")
         results = list(pool.map(lambda c: (c.name, run_case(workdir, config, c)), cases))
     failures = [f"{name}: {problem}" for name, problem in results if problem is not None]
+    check = json.loads(verified.result().stdout)
+    if not check["ok"] or check["backup_manifest_files"] != check["files"] - 1:
+        failures.append(f"klio verify of {first.id}: {check}")
     assert not failures, "\n\n".join(failures)

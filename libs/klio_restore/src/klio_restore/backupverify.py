@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
+import importlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -312,22 +313,39 @@ def _crc32c_table() -> list[int]:
 _TABLE = _crc32c_table()
 
 
+def _accelerated() -> Callable[[bytes, int], int] | None:
+    """``crc32c.crc32c`` (hardware CRC32C) when that optional package is installed."""
+    try:
+        module = importlib.import_module("crc32c")
+    except ImportError:
+        return None
+    function: Callable[[bytes, int], int] = module.crc32c
+    return function
+
+
+_FAST = _accelerated()
+
+
 class Crc32c:
     """CRC-32C (Castagnoli), PostgreSQL's default manifest checksum, as PostgreSQL prints it.
 
-    Pure Python (about 10 MB/s): backups whose manifests use SHA-256 are verified far faster.
+    Uses the optional ``crc32c`` package when installed; the pure-Python fallback runs at
+    about 12 MB/s (under the GIL), so it bounds ``klio verify`` of CRC32C manifests.
     """
 
     def __init__(self) -> None:
-        self._crc = 0xFFFFFFFF
+        self._value = 0  # the finished CRC so far (what crc32c.crc32c continues from)
 
     def update(self, data: bytes) -> None:
         """Add bytes."""
-        crc, table = self._crc, _TABLE
+        if _FAST is not None:
+            self._value = _FAST(data, self._value)
+            return
+        crc, table = self._value ^ 0xFFFFFFFF, _TABLE
         for byte in data:
             crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-        self._crc = crc
+        self._value = crc ^ 0xFFFFFFFF
 
     def hexdigest(self) -> str:
         """Eight hex digits; PostgreSQL writes the value's bytes in memory order (little endian)."""
-        return (self._crc ^ 0xFFFFFFFF).to_bytes(4, "little").hex()
+        return self._value.to_bytes(4, "little").hex()
