@@ -28,6 +28,7 @@ IDLE_EXIT = 30.0
 POLL = 0.02
 RETRY_MISSING = 1.0
 LOG_LIMIT = 1 << 20
+NICE = 10
 
 
 def window(request: str, depth: int, seg_size: int) -> list[str]:
@@ -333,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     # Exiting through the finally blocks removes the run directory and the lock.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Replay is the critical path; decoding ahead only has to keep up with it. When both want
+    # the CPU (same container, same cores), the server's startup process goes first.
+    os.nice(NICE)
     try:
         reason = run(
             ns.spool,
