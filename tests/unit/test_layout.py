@@ -49,7 +49,7 @@ def test_relative_paths_are_the_tier1_paths(tmp_path: Path) -> None:
         (f"wal/{SEGMENT[:16]}/{SEGMENT}", Kind.WAL),
         (f"wal/{SEGMENT[:16]}/{SEGMENT}.partial", Kind.PARTIAL),
         ("wal/history/00000002.history", Kind.HISTORY),
-        (f"chunks/ab/12/{CHUNK}", Kind.CHUNK),
+        (f"chunks/ab/{CHUNK}", Kind.CHUNK),
         ("chunks/dedup.key", Kind.DEDUP_KEY),
         ("backups/20260101T000000Z/manifest", Kind.MANIFEST),
         ("identity.json", Kind.IDENTITY),
@@ -60,9 +60,9 @@ def test_relative_paths_are_the_tier1_paths(tmp_path: Path) -> None:
         ("backups/20260101T000000Z/progress.json", None),
         ("outbox/relay/1-x.json", None),
         ("tier2/journal", None),
-        (f"chunks/ab/13/{CHUNK}", None),  # not where that id lives
+        (f"chunks/ac/{CHUNK}", None),  # not where that id lives
         (f"wal/0000000100000000/{SEGMENT}", None),
-        (f"chunks/ab/12/.{CHUNK}.tmp-0a1b2c", None),
+        (f"chunks/ab/.{CHUNK}.tmp-0a1b2c", None),
         ("", None),
     ],
 )
@@ -74,7 +74,7 @@ def test_keys_are_prefix_cluster_and_path() -> None:
     layout = BucketLayout.of("prod", "main")
     assert layout.cluster_prefix == "prod/main/"
     assert layout.wal_key(SEGMENT) == f"prod/main/wal/{SEGMENT[:16]}/{SEGMENT}"
-    assert layout.chunk_key(CHUNK) == f"prod/main/chunks/ab/12/{CHUNK}"
+    assert layout.chunk_key(CHUNK) == f"prod/main/chunks/ab/{CHUNK}"
     assert layout.manifest_key("b1") == "prod/main/backups/b1/manifest"
     assert layout.backups_prefix == "prod/main/backups/"
     assert layout.identity_key == "prod/main/identity.json"

@@ -9,7 +9,7 @@ import pytest
 from klio_common.storage.tier2state import JOURNAL, UNKNOWN_SHA256, Tier2Entry, Tier2State
 
 A = Tier2Entry("wal/0000000100000000/000000010000000000000001", "a" * 64, 100)
-B = Tier2Entry("chunks/ab/cd/" + "ab" + "cd" * 31, "b" * 64, 200)
+B = Tier2Entry("chunks/ab/" + "ab" + "cd" * 31, "b" * 64, 200)
 C = Tier2Entry("identity.json", UNKNOWN_SHA256, 50)
 
 

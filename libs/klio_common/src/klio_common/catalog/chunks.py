@@ -101,8 +101,9 @@ class ChunkStore:
         return hmac.new(key, data, hashlib.sha256).hexdigest()
 
     def path(self, chunk_id: str) -> Path:
-        """Where chunk ``chunk_id`` lives (two levels of fan-out)."""
-        return self.dir / chunk_id[:2] / chunk_id[2:4] / chunk_id
+        """Where chunk ``chunk_id`` lives: one level of 256-way fan-out, so after the first few
+        hundred chunks a new chunk never creates a directory (a million chunks is ~4,000 a dir)."""
+        return self.dir / chunk_id[:2] / chunk_id
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -204,10 +205,8 @@ class ChunkStore:
             if not a.is_dir() or len(a.name) != 2:
                 continue
             for b in os.scandir(a.path):
-                if b.is_dir():
-                    for c in os.scandir(b.path):
-                        if not fsio.is_temp_name(c.name):
-                            yield c.name
+                if b.is_file() and not fsio.is_temp_name(b.name):
+                    yield b.name
 
 
 def _syncfs(fd: int) -> None:

@@ -47,14 +47,14 @@ def wal_path(name: str) -> str:
 
 
 def chunk_path(chunk_id: str) -> str:
-    """The relative path of a chunk (two levels of fan-out, as on Tier 1).
+    """The relative path of a chunk (one level of 256-way fan-out, as on Tier 1).
 
     Raises:
         ValueError: not a 64-digit lower-case hex id.
     """
     if not _CHUNK_ID.fullmatch(chunk_id):
         raise ValueError(f"'{chunk_id}' is not a chunk id (64 lower-case hex digits)")
-    return f"chunks/{chunk_id[:2]}/{chunk_id[2:4]}/{chunk_id}"
+    return f"chunks/{chunk_id[:2]}/{chunk_id}"
 
 
 def manifest_path(backup_id: str) -> str:
@@ -80,9 +80,7 @@ def kind_of(relative: str) -> Kind | None:
             return Kind.IDENTITY
         case ["chunks", "dedup.key"]:
             return Kind.DEDUP_KEY
-        case ["chunks", a, b, chunk_id] if _CHUNK_ID.fullmatch(chunk_id) and (
-            a == chunk_id[:2] and b == chunk_id[2:4]
-        ):
+        case ["chunks", a, chunk_id] if _CHUNK_ID.fullmatch(chunk_id) and a == chunk_id[:2]:
             return Kind.CHUNK
         case ["backups", backup_id, "manifest"] if _BACKUP_ID.fullmatch(backup_id):
             return Kind.MANIFEST
