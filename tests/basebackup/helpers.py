@@ -5,11 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import subprocess
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +21,8 @@ from klio_common.runtime.bus import Bus
 from klio_common.runtime.settings import Settings
 from klio_dev import PG_BIN
 from klio_dev.waiting import wait_until
-from tests.wal_receiver.helpers import VENV_BIN, keyring_of
+from tests.services import ServiceProcess, service_inprocess
+from tests.wal_receiver.helpers import keyring_of
 
 SERVICE = "basebackup"
 
@@ -41,65 +39,18 @@ def store_of(settings: Settings, cluster: str = "main") -> ChunkStore:
     return ChunkStore(settings.tier1.path / cluster, keyring_of(settings), codec, read_only=True)
 
 
-@contextmanager
-def basebackup_inprocess(settings: Settings) -> Iterator[None]:
+def basebackup_inprocess(settings: Settings) -> AbstractContextManager[None]:
     """Run the real basebackup service in this process, on its own thread and event loop."""
     from klio_basebackup.service import main
-    from klio_common.runtime.lifecycle import serve
 
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-    result: list[int] = []
-
-    async def body() -> None:
-        result.append(
-            await serve(
-                lambda s, h: main(settings, s, h),
-                name=SERVICE,
-                settings=settings.service(SERVICE),
-                stop=stop,
-            )
-        )
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(body(),), daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(60)
-        loop.close()
-    assert not thread.is_alive(), "the basebackup service did not stop within 60 s"
-    assert result == [0], f"the basebackup service exited with {result}"
+    return service_inprocess(SERVICE, main, settings, join_timeout=60)
 
 
-class BasebackupProcess:
+class BasebackupProcess(ServiceProcess):
     """The real ``klio-basebackup`` as a separate process (for kill -9)."""
 
     def __init__(self, config: Path, log: Path) -> None:
-        self.config = config
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [str(VENV_BIN / "klio-basebackup"), "--config", str(self.config)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "KLIO_LOG_FORMAT": "text"},
-            )
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.terminate()
-        return self.proc.wait(60)
+        super().__init__(SERVICE, config, log)
 
 
 def request_backup(settings: Settings, *request_ids: str, cluster: str = "main") -> list[str]:

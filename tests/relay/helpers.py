@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
-import signal
-import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +25,7 @@ from klio_common.runtime.settings import Settings
 from klio_common.storage.layout import kind_of
 from klio_dev import S3Server
 from klio_dev.waiting import wait_until
+from tests.services import ServiceProcess, service_inprocess
 
 VENV_BIN = Path(sys.executable).parent
 CHUNK = 128 * 1024
@@ -49,65 +45,18 @@ def cluster_dir(settings: Settings, cluster: str = "main") -> Path:
     return settings.tier1.path / cluster
 
 
-@contextmanager
-def relay_inprocess(settings: Settings) -> Iterator[None]:
+def relay_inprocess(settings: Settings) -> AbstractContextManager[None]:
     """Run the real relay service in this process, on its own thread and event loop."""
-    from klio_common.runtime.lifecycle import serve
     from klio_relay.service import SERVICE, main
 
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-    result: list[int] = []
-
-    async def body() -> None:
-        result.append(
-            await serve(
-                lambda s, h: main(settings, s, h),
-                name=SERVICE,
-                settings=settings.service(SERVICE),
-                stop=stop,
-            )
-        )
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(body(),), daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(90)
-        loop.close()
-    assert not thread.is_alive(), "the relay did not stop within 90 s"
-    assert result == [0], f"the relay exited with {result}"
+    return service_inprocess(SERVICE, main, settings)
 
 
-class RelayProcess:
+class RelayProcess(ServiceProcess):
     """The real ``klio-relay`` as a separate process (for kill -9)."""
 
     def __init__(self, config: Path, log: Path) -> None:
-        self.config = config
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [str(VENV_BIN / "klio-relay"), "--config", str(self.config)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "KLIO_LOG_FORMAT": "text"},
-            )
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.terminate()
-        return self.proc.wait(60)
+        super().__init__("relay", config, log)
 
 
 # -- the bucket and Tier 1 ---------------------------------------------------------------------

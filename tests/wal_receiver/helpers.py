@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ from klio_common.objects import read_partial
 from klio_common.pg.lsn import Lsn
 from klio_common.runtime.settings import Settings
 from klio_dev.waiting import wait_until
+from tests.services import ServiceProcess, service_inprocess
 
 VENV_BIN = Path(sys.executable).parent
 KLIO = VENV_BIN / "klio"
@@ -101,74 +99,21 @@ def archive_end(settings: Settings, cluster: str = "main") -> int:
     return end
 
 
-@contextmanager
-def receiver_inprocess(settings: Settings) -> Iterator[None]:
+def receiver_inprocess(settings: Settings) -> AbstractContextManager[None]:
     """Run the real wal-receiver service in this process (on its own thread and event loop).
 
     The test body stays synchronous (pgbench, psql, polling) while the service streams.
     """
-    from klio_common.runtime.lifecycle import serve
     from klio_wal_receiver.service import SERVICE, main
 
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-    result: list[int] = []
-
-    async def body() -> None:
-        result.append(
-            await serve(
-                lambda s, h: main(settings, s, h),
-                name=SERVICE,
-                settings=settings.service(SERVICE),
-                stop=stop,
-            )
-        )
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(body(),), daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(60)
-        loop.close()
-    assert not thread.is_alive(), "the wal-receiver did not stop within 60 s"
-    assert result == [0], f"the wal-receiver exited with {result}"
+    return service_inprocess(SERVICE, main, settings, join_timeout=60)
 
 
-class ReceiverProcess:
+class ReceiverProcess(ServiceProcess):
     """The real ``klio-wal-receiver`` as a separate process (for kill -9 and SIGSTOP tests)."""
 
     def __init__(self, config: Path, log: Path) -> None:
-        self.config = config
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        out = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [str(VENV_BIN / "klio-wal-receiver"), "--config", str(self.config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "KLIO_LOG_FORMAT": "text"},
-        )
-        out.close()
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def kill(self) -> None:
-        self.signal(signal.SIGKILL)
-        assert self.proc is not None
-        self.proc.wait(30)
-
-    def stop(self) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGCONT)
-        self.proc.terminate()
-        return self.proc.wait(60)
+        super().__init__("wal-receiver", config, log)
 
 
 def wait_archived(

@@ -166,6 +166,7 @@ class BackupJob:
         self.system_id = ctx.system_id()
         self.committing = False  # past the point where stopping could only tear the commit
         self.finished = False
+        self.timings: dict[str, float] = {}  # seconds per phase: stream, wal_wait, commit
 
     def started(self, tli: int, start: int) -> None:
         """BASE_BACKUP returned its start position: answer every request it serves so far."""
@@ -270,6 +271,8 @@ class BackupJob:
             )
         segments = wal_range(pos.start_tli, pos.start_lsn, pos.end_lsn, seg_size)
         progress.phase = "waiting for WAL"
+        t1 = time.monotonic()
+        self.timings["stream"] = t1 - t0
 
         def seen(n: int) -> None:
             progress.wal_missing = n
@@ -278,6 +281,8 @@ class BackupJob:
             ctx.archive, segments, backup_id=self.id, timeout=settings.wal_timeout, on_poll=seen
         )
         progress.phase = "committing"
+        t2 = time.monotonic()
+        self.timings["wal_wait"] = t2 - t1
         await asyncio.to_thread(ctx.store.sync)
         figures = chunker.figures
         manifest = BackupManifest(
@@ -314,6 +319,7 @@ class BackupJob:
         await asyncio.to_thread(ctx.catalog.commit, manifest)
         ctx.announce_done(manifest)
         duration = time.monotonic() - t0
+        self.timings["commit"] = time.monotonic() - t2
         ctx.metrics.last_success.labels(ctx.name).set(time.time())
         ctx.metrics.duration.labels(ctx.name).set(duration)
         ctx.metrics.chunks_new.labels(ctx.name).set(figures.chunks_new)

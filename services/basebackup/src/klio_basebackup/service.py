@@ -19,44 +19,13 @@ from klio_common.catalog.wal import WalArchive
 from klio_common.crypto import KeyRing
 from klio_common.errors import ConfigError, NotFound, Retryable
 from klio_common.events import BackupRequested, Event, subjects
-from klio_common.runtime.bus import Bus
+from klio_common.runtime.buskeeper import BusKeeper
 from klio_common.runtime.health import Health
 from klio_common.runtime.outbox import Outbox
 from klio_common.runtime.settings import Settings
 
 log = logging.getLogger("klio.basebackup")
 SERVICE = "basebackup"
-
-
-class BusKeeper:
-    """Connects to NATS in the background: events wait in the outbox meanwhile."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.bus: Bus | None = None
-        self.connected = asyncio.Event()
-
-    def get(self) -> Bus | None:
-        return self.bus
-
-    async def run(self, stop: asyncio.Event) -> None:
-        delay = 0.5
-        while not stop.is_set() and self.bus is None:
-            try:
-                bus = await Bus.connect(self.settings.nats, name=f"klio-{SERVICE}")
-                await bus.ensure_stream()
-                self.bus = bus
-                self.connected.set()
-            except Retryable as exc:
-                log.warning("NATS not available yet: %s", exc.message)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                delay = min(delay * 2, 10.0)
-
-    async def close(self) -> None:
-        if self.bus is not None:
-            await self.bus.close()
-            self.bus = None
 
 
 def build_runners(settings: Settings, metrics: BackupMetrics) -> dict[str, ClusterRunner]:
@@ -161,15 +130,9 @@ async def main(settings: Settings, stop: asyncio.Event, health: Health) -> None:
     metrics = BackupMetrics()
     runners = build_runners(settings, metrics)
     loop = asyncio.get_running_loop()
-    keeper = BusKeeper(settings)
+    keeper = BusKeeper(settings.nats, name=f"klio-{SERVICE}")
     health.set_ready("requests", False, "not connected to NATS yet")
-    health.add_check(
-        "nats",
-        lambda: (
-            keeper.bus is not None and keeper.bus.is_connected,
-            "connected" if keeper.bus else "not connected",
-        ),
-    )
+    health.add_check("nats", keeper.readiness)
     tasks = [asyncio.create_task(keeper.run(stop), name="nats")]
     for name, runner in runners.items():
         wake = asyncio.Event()

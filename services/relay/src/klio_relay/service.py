@@ -14,7 +14,8 @@ from klio_common.crypto import KeyRing
 from klio_common.errors import ConfigError, KlioError, Permanent
 from klio_common.events import BackupDone, Event, WalHistoryArchived, WalSegmentClosed, tag_of
 from klio_common.events.subjects import all_clusters, durable
-from klio_common.runtime.bus import Bus, Handler
+from klio_common.runtime.bus import Handler
+from klio_common.runtime.buskeeper import BusKeeper
 from klio_common.runtime.health import Health
 from klio_common.runtime.settings import Settings
 from klio_common.storage.layout import wal_path
@@ -30,42 +31,6 @@ BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 # An outage of the bucket is waited out for days (naks every minute), not dead-lettered.
 MAX_DELIVER = 10_000
 STOP_WAIT = 10.0  # seconds of the shutdown grace given to uploads in flight
-
-
-class BusKeeper:
-    """Connects to NATS in the background and keeps the connection."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.bus: Bus | None = None
-        self.connected = asyncio.Event()
-
-    def readiness(self) -> tuple[bool, str]:
-        if self.bus is None:
-            return False, f"not connected to NATS at {self.settings.nats.url}"
-        return self.bus.ready()
-
-    def get(self) -> Bus | None:
-        return self.bus
-
-    async def run(self, stop: asyncio.Event) -> None:
-        delay = 0.5
-        while not stop.is_set() and self.bus is None:
-            try:
-                bus = await Bus.connect(self.settings.nats, name=f"klio-{SERVICE}")
-                await bus.ensure_stream()
-                self.bus = bus
-                self.connected.set()
-            except KlioError as exc:
-                log.warning("NATS not available yet: %s", exc.message)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                delay = min(delay * 2, 10.0)
-
-    async def close(self) -> None:
-        if self.bus is not None:
-            await self.bus.close()
-            self.bus = None
 
 
 def handler(relays: Mapping[str, ClusterRelay]) -> Handler:
@@ -158,7 +123,7 @@ async def main(settings: Settings, stop: asyncio.Event, health: Health) -> None:
             for c in settings.clusters
         }
         reconciler = Reconciler(list(relays.values()), probe, config.reconcile_interval, wake)
-        keeper = BusKeeper(settings)
+        keeper = BusKeeper(settings.nats, name=f"klio-{SERVICE}")
         health.add_check("bucket", probe.readiness)
         health.add_check("nats", keeper.readiness)
         health.set_ready("consumers", False, "waiting for the bucket")

@@ -10,7 +10,7 @@ from klio_common import compression
 from klio_common.catalog.wal import WalArchive
 from klio_common.crypto import KeyRing
 from klio_common.errors import ConfigError
-from klio_common.runtime.bus import Bus
+from klio_common.runtime.buskeeper import BusKeeper
 from klio_common.runtime.health import Health
 from klio_common.runtime.outbox import Outbox
 from klio_common.runtime.settings import Settings
@@ -22,36 +22,6 @@ from klio_wal_receiver.state import ReceiverMetrics, ReceiverState
 log = logging.getLogger("klio.wal_receiver")
 SERVICE = "wal-receiver"
 STATUS_EVERY = 2.0
-
-
-class BusKeeper:
-    """Connects to NATS in the background: archiving never waits for NATS."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.bus: Bus | None = None
-
-    def get(self) -> Bus | None:
-        return self.bus
-
-    async def run(self, stop: asyncio.Event) -> None:
-        delay = 0.5
-        while not stop.is_set() and self.bus is None:
-            try:
-                bus = await Bus.connect(self.settings.nats, name=f"klio-{SERVICE}")
-                await bus.ensure_stream()
-                self.bus = bus
-            except Exception as exc:
-                log.warning("NATS not available yet: %s", exc)
-                try:
-                    await asyncio.wait_for(stop.wait(), delay)
-                except TimeoutError:
-                    delay = min(delay * 2, 10.0)
-
-    async def close(self) -> None:
-        if self.bus is not None:
-            await self.bus.close()
-            self.bus = None
 
 
 async def main(settings: Settings, stop: asyncio.Event, health: Health) -> None:
@@ -66,16 +36,10 @@ async def main(settings: Settings, stop: asyncio.Event, health: Health) -> None:
         )
     codec = compression.get(settings.compression.algorithm, settings.compression.level)
     metrics = ReceiverMetrics()
-    keeper = BusKeeper(settings)
+    keeper = BusKeeper(settings.nats, name=f"klio-{SERVICE}")
     loop = asyncio.get_running_loop()
     tasks: list[asyncio.Task[None]] = [asyncio.create_task(keeper.run(stop), name="nats")]
-    health.add_check(
-        "nats",
-        lambda: (
-            keeper.bus is not None and keeper.bus.is_connected,
-            "connected" if keeper.bus else "not connected",
-        ),
-    )
+    health.add_check("nats", keeper.readiness)
     states: list[tuple[ReceiverState, WalArchive]] = []
     for cluster in settings.clusters:
         archive = WalArchive(

@@ -1,0 +1,27 @@
+"""klio-retention: applies each cluster's retention policy to Tier 1 and Tier 2.
+
+``klio-retention --config FILE`` runs the service; ``klio-retention --config FILE [--cluster C]
+plan|apply [--tier N]`` plans or applies once and prints JSON (what ``klio retention`` runs).
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import partial
+
+from klio_common.runtime.lifecycle import main_entry
+from klio_retention.command import COMMANDS, run_command
+from klio_retention.service import SERVICE
+from klio_retention.service import main as service_main
+
+
+def main() -> None:
+    """Console entry point."""
+    argv = sys.argv[1:]
+    if any(arg in COMMANDS for arg in argv):
+        raise SystemExit(run_command(argv))
+    main_entry(SERVICE, lambda settings: partial(service_main, settings))
+
+
+if __name__ == "__main__":
+    main()
