@@ -40,6 +40,10 @@ $(VENV)/.installed: requirements.lock $(PYPROJECTS) Makefile
 	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
 	    $(addprefix -e ,$(PACKAGES))
+	# restore_command runs `klio wal-restore` once per WAL segment: a wrapper without pip's
+	# `import re` saves ~4 ms a call
+	printf '#!%s\nimport sys\nfrom klio_cli.main import main\nsys.exit(main())\n' \
+	    "$(abspath $(BIN))/python3.11" > $(BIN)/klio && chmod 755 $(BIN)/klio
 	# restore_command runs as the PostgreSQL OS user, which cannot write __pycache__: compile now
 	$(BIN)/python -m compileall -q -j 0 libs cli services devtools $(VENV)/lib > /dev/null
 	chmod -R a+rX $(VENV) libs cli services devtools
