@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full argument parser: only commands that work are listed."""
     import argparse
 
-    from klio_cli import backup, check, events, restore, verify, wal
+    from klio_cli import backup, check, events, restore, retention, verify, wal
 
     parser = argparse.ArgumentParser(
         prog="klio",
@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore.register(commands)
     verify.register(commands)
     events.register(commands)
+    retention.register(commands)
     return parser
 
 

@@ -27,7 +27,7 @@ from klio_dev.postgres import PostgresServer
 from klio_dev.s3 import S3Server
 from klio_dev.waiting import wait_until
 
-SERVICES = ["wal-receiver", "basebackup", "relay"]  # the services built so far
+SERVICES = ["wal-receiver", "basebackup", "relay", "retention"]  # the services built so far
 BIN = Path(sys.executable).parent
 
 

@@ -188,10 +188,9 @@ class Reaper:
         self._account_wal(done, outcome, 1)
 
     def _chunks_tier1(self, rest: DeletionPlan, outcome: Outcome, now_: datetime) -> None:
-        chunks_dir = self.setup.cluster_dir / "chunks"
         for chunk_id in rest.asides:
             # A run that died between renaming a chunk aside and deciding: put it back.
-            path = chunks_dir / chunk_id[:2] / chunk_id[2:4] / chunk_id
+            path = self.setup.cluster_dir / chunk_path(chunk_id)
             with contextlib.suppress(FileNotFoundError):
                 path.with_name(f".{chunk_id}{ASIDE}").rename(path)
         cutoff = now_.timestamp() - self.setup.chunk_grace
@@ -202,7 +201,7 @@ class Reaper:
             if index % _LEASE_RECHECK == 0 and self._in_progress(catalog):
                 log.info("cluster %s: a backup started: chunk deletion stops", self.setup.name)
                 break
-            path = chunks_dir / chunk.id[:2] / chunk.id[2:4] / chunk.id
+            path = self.setup.cluster_dir / chunk_path(chunk.id)
             size = _take_old(path, cutoff)
             if size is not None:
                 outcome.chunks += 1

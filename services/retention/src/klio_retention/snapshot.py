@@ -244,23 +244,17 @@ def chunk_files(
     for a in os.scandir(directory):
         if not a.is_dir() or len(a.name) != 2:
             continue
-        for b in os.scandir(a.path):
-            if not b.is_dir():
-                continue
-            for c in os.scandir(b.path):
-                if c.name.startswith("."):
-                    if asides is not None and c.name.endswith(ASIDE):
-                        asides.append(c.name[1 : -len(ASIDE)])
-                    continue  # temp files of writers
-                try:
-                    st = c.stat()
-                except FileNotFoundError:
-                    continue
-                try:
-                    relayed = state is None or chunk_path(c.name) in state
-                except ValueError:
-                    continue  # not a chunk: never ours to delete
-                yield ChunkEntry(c.name, st.st_size, st.st_mtime, relayed)
+        for c in os.scandir(a.path):
+            if c.name.startswith("."):
+                if asides is not None and c.name.endswith(ASIDE):
+                    asides.append(c.name[1 : -len(ASIDE)])
+                continue  # temp files of writers
+            try:
+                relayed = state is None or chunk_path(c.name) in state
+                st = c.stat()
+            except (ValueError, FileNotFoundError):
+                continue  # not a chunk (never ours to delete), or gone meanwhile
+            yield ChunkEntry(c.name, st.st_size, st.st_mtime, relayed)
 
 
 def _size(path: Path) -> int | None:

@@ -188,6 +188,28 @@ class RetentionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     tier2: str | None = None
 
 
+class RetentionServiceSettings(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
+):
+    """How the retention service runs (``retention:``), for every cluster."""
+
+    minimum_redundancy: int = 1
+    interval: float = 3600.0
+    chunk_grace: float = 300.0
+
+    def _problems(self) -> Problems:
+        if self.minimum_redundancy < 1:
+            yield (
+                "minimum_redundancy",
+                f"expected 1 or more (retention never deletes every backup), "
+                f"got {self.minimum_redundancy}",
+            )
+        if self.interval <= 0:
+            yield "interval", "must be greater than 0"
+        if self.chunk_grace < 0:
+            yield "chunk_grace", "must be 0 or more"
+
+
 class ClusterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One protected PostgreSQL cluster (an item of ``clusters:``).
 
@@ -259,6 +281,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     compression: CompressionSettings = msgspec.field(default_factory=CompressionSettings)
     relay: RelaySettings = msgspec.field(default_factory=RelaySettings)
     backup: BackupSettings = msgspec.field(default_factory=BackupSettings)
+    retention: RetentionServiceSettings = msgspec.field(default_factory=RetentionServiceSettings)
     clusters: list[ClusterSettings] = []
     services: dict[str, ServiceSettings] = msgspec.field(default_factory=_default_services)
 
