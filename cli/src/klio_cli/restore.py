@@ -26,13 +26,14 @@ def positive(text: str) -> int:
 
 
 def add_tier(parser: argparse.ArgumentParser) -> None:
-    """``--tier 1``: Tier 2 (the bucket) is read by a later release."""
+    """``--tier 1|2``: read the volume or the bucket."""
     parser.add_argument(
         "--tier",
         type=int,
-        choices=[1],
-        default=1,
-        help="read Tier 1, the volume (Tier 2 comes later)",
+        choices=[1, 2],
+        default=None,
+        help="1: Tier 1, the volume; 2: Tier 2, the bucket alone "
+        "(default: 1, or 2 when only tier2 is configured)",
     )
 
 
@@ -81,7 +82,9 @@ def context(ns: argparse.Namespace) -> ClusterContext:
     from klio_restore.context import load_settings, open_cluster
 
     config = Path(ns.config) if ns.config else None
-    return open_cluster(load_settings(config, os.environ), ns.cluster)
+    return open_cluster(
+        load_settings(config, os.environ), ns.cluster, tier=getattr(ns, "tier", None)
+    )
 
 
 def config_path(ns: argparse.Namespace) -> Path:

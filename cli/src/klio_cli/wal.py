@@ -22,8 +22,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     restore = commands.add_parser(
         "wal-restore",
         help="restore_command: fetch one WAL or history file (%%f %%p)",
-        description="Fetch one archived WAL segment or history file to DEST. Exit status: 0 "
-        "restored, 1 not in the archive, 150 cannot be delivered (corrupt, key, configuration): "
+        description="Fetch one archived WAL segment or history file to DEST, from Tier 1 or, "
+        "when Tier 1 lacks it or its copy is corrupt, from the bucket. Exit status: 0 "
+        "restored, 1 in neither tier, 150 cannot be delivered (corrupt, key, configuration): "
         "PostgreSQL stops recovery instead of promoting early.",
     )
     restore.add_argument("name", metavar="NAME", help="file name (%%f)")
@@ -58,7 +59,13 @@ def wal_restore(config: str | None, cluster: str | None, name: str, dest: str) -
 
     try:
         ctx = open_cluster(load_settings(Path(config) if config else None, os.environ), cluster)
-        if walfetch.fetch(name, Path(dest), walfetch.sources(ctx.archive, ctx.keyring)):
+        chain = walfetch.sources(
+            ctx.tier1,
+            ctx.keyring,
+            ctx.bucket_wal if ctx.has_tier2 else None,
+            log=lambda line: print(f"klio: {line}", file=sys.stderr),
+        )
+        if walfetch.fetch(name, Path(dest), chain):
             return walfetch.EXIT_RESTORED
     except KlioError as exc:
         output.klio_error(exc)

@@ -15,29 +15,52 @@ from klio_common.catalog.backups import BackupCatalog, BackupManifest, Lease
 from klio_common.catalog.chunks import ChunkStore
 from klio_common.errors import NotFound
 from klio_restore.context import ClusterContext
+from klio_restore.tier2 import BucketBackups, BucketChunks, BucketWal
 
 _ESTIMATE_KEYS = ("bytes_estimated", "bytes_total", "estimated_bytes")
 
 
+Manifests = BackupCatalog | BucketBackups
+"""Committed backups on either tier (the bucket never holds backups in progress)."""
+Chunks = ChunkStore | BucketChunks
+"""The chunk store on either tier: ``get(id, source=)`` returns verified plaintext."""
+
+
 @dataclass(frozen=True)
 class Catalog:
-    """One cluster's backups and chunk store, opened read-only.
+    """One cluster's backups and chunk store on one tier, opened read-only.
 
     Attributes:
-        backups: committed manifests and leases.
+        backups: committed manifests (and, on Tier 1, leases).
         chunks: the content-addressed chunk store (never written by the read path).
+        tier: 1 (the volume) or 2 (the bucket).
     """
 
-    backups: BackupCatalog
-    chunks: ChunkStore
+    backups: Manifests
+    chunks: Chunks
+    tier: int = 1
 
 
 def open_catalog(ctx: ClusterContext) -> Catalog:
-    """Open the cluster's backup catalog on Tier 1.
+    """Open the cluster's backup catalog on the tier the context reads.
 
     Raises:
-        NotFound: Tier 1 holds nothing for this cluster.
+        NotFound: the tier holds nothing for this cluster.
+        ConfigError: the tier is not configured.
     """
+    if ctx.tier == 2:
+        bucket = ctx.bucket
+        if BucketWal(bucket).read_identity() is None:
+            raise NotFound(
+                f"no catalog for cluster '{ctx.cluster.name}' in {bucket.where} (no identity.json)",
+                hint="check tier2.s3.bucket, tier2.s3.prefix and --cluster; the relay copies "
+                "identity.json first",
+            )
+        return Catalog(
+            backups=BucketBackups(bucket, ctx.keyring),
+            chunks=BucketChunks(bucket, ctx.keyring),
+            tier=2,
+        )
     cluster_dir = ctx.archive.cluster_dir
     if not cluster_dir.is_dir():
         raise NotFound(
@@ -59,16 +82,18 @@ def summary(manifest: BackupManifest) -> dict[str, Any]:
     return doc
 
 
-def read_progress(catalog: BackupCatalog, backup_id: str) -> dict[str, Any]:
+def read_progress(catalog: Manifests, backup_id: str) -> dict[str, Any]:
     """``progress.json`` of a backup in progress: ``phase``, ``bytes_done``, ``bytes_estimated``.
 
     Missing or torn files read as no progress yet.
     """
-    path = catalog.backup_dir(backup_id) / "progress.json"
-    try:
-        raw = msgspec.json.decode(path.read_bytes())
-    except (FileNotFoundError, msgspec.DecodeError):
-        raw = {}
+    raw: Any = {}
+    if isinstance(catalog, BackupCatalog):
+        path = catalog.backup_dir(backup_id) / "progress.json"
+        try:
+            raw = msgspec.json.decode(path.read_bytes())
+        except (FileNotFoundError, msgspec.DecodeError):
+            raw = {}
     if not isinstance(raw, dict):
         raw = {}
     done = raw.get("bytes_done")
@@ -97,7 +122,7 @@ def lease_status(lease: Lease, *, host: str | None = None) -> str:
     return "running"
 
 
-def running(catalog: BackupCatalog, lease: Lease, now: float | None = None) -> dict[str, Any]:
+def running(catalog: Manifests, lease: Lease, now: float | None = None) -> dict[str, Any]:
     """The ``backup list --json`` object of a backup in progress."""
     progress = read_progress(catalog, lease.id)
     started = datetime.fromtimestamp(lease.started_at, UTC)
@@ -121,14 +146,14 @@ def running(catalog: BackupCatalog, lease: Lease, now: float | None = None) -> d
     }
 
 
-def list_documents(catalog: BackupCatalog) -> list[dict[str, Any]]:
+def list_documents(catalog: Manifests) -> list[dict[str, Any]]:
     """Every committed backup (by end time), then every backup in progress."""
     docs = [summary(m) for m in catalog.manifests()]
     docs += [running(catalog, lease) for lease in catalog.leases()]
     return docs
 
 
-def show_document(catalog: BackupCatalog, backup_id: str) -> dict[str, Any]:
+def show_document(catalog: Manifests, backup_id: str) -> dict[str, Any]:
     """``backup show ID --json``: figures, dedup, WAL range, tablespaces (no file list).
 
     Raises:
@@ -139,11 +164,13 @@ def show_document(catalog: BackupCatalog, backup_id: str) -> dict[str, Any]:
         if not manifests:
             raise NotFound("there are no backups", hint="take one with 'klio backup run --wait'")
         backup_id = manifests[-1].id
-    if not catalog.manifest_path(backup_id).exists():
+    try:
+        manifest = catalog.load(backup_id)
+    except NotFound:
         for lease in catalog.leases():
             if lease.id == backup_id:
                 return running(catalog, lease)
-    manifest = catalog.load(backup_id)
+        raise
     doc = summary(manifest)
     doc["directory_count"] = sum(1 for f in manifest.files if f.type == "dir")
     doc["duration_seconds"] = round((manifest.end_time - manifest.start_time).total_seconds(), 1)

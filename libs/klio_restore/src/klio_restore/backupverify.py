@@ -17,10 +17,9 @@ from typing import Any
 import crc32c
 
 from klio_common.catalog.backups import BackupManifest, FileEntry
-from klio_common.catalog.chunks import ChunkStore
 from klio_common.errors import KlioError, NotFound
 from klio_common.pg.walname import WalSegment, history_name
-from klio_restore.backups import open_catalog
+from klio_restore.backups import Chunks, open_catalog
 from klio_restore.context import ClusterContext
 
 Progress = Callable[[int, int], None]
@@ -90,7 +89,7 @@ def verify_backup(
     """Check every chunk, file and WAL segment of a backup; collect problems by file.
 
     Args:
-        ctx: the cluster's read-path context.
+        ctx: the cluster's read-path context (its tier is the one checked).
         backup_id: the backup, or None / ``latest`` for the newest.
         jobs: files checked at once.
         progress: called as files are checked.
@@ -160,7 +159,7 @@ def verify_backup(
 
 
 def _rebuild(
-    chunks: ChunkStore, entry: FileEntry, chunk_size: int, algorithm: str | None, keep: bool = False
+    chunks: Chunks, entry: FileEntry, chunk_size: int, algorithm: str | None, keep: bool = False
 ) -> _Rebuilt:
     """Read a file's chunks in order and hash them (never raises for a bad chunk)."""
     out = _Rebuilt(entry)
@@ -273,9 +272,12 @@ def compare_pg_manifest(
 
 
 def check_wal(ctx: ClusterContext, backup: BackupManifest) -> tuple[int, list[Problem]]:
-    """Decode every segment of the backup's WAL range (and its timeline's history file)."""
-    archive = ctx.archive
+    """Decode every segment of the backup's WAL range (and its timeline's history file).
+
+    Read from the tier the context reads, so ``--tier 2`` checks the bucket's copies.
+    """
     try:
+        archive = ctx.wal
         seg_size = archive.segment_size()
         first = WalSegment.parse(backup.wal_start_segment, seg_size)
         last = WalSegment.parse(backup.wal_end_segment, seg_size)

@@ -91,7 +91,12 @@ async def run_checks(
         archive = _archive(settings, cluster)
         jobs.append((f"{cluster.name}/postgres", check_postgres(cluster, archive, timeout=timeout)))
         jobs.append(
-            (f"{cluster.name}/tier1", asyncio.to_thread(check_tier1, cluster.name, archive))
+            (
+                f"{cluster.name}/tier1",
+                asyncio.to_thread(
+                    check_tier1, cluster.name, archive, tier2=settings.tier2 is not None
+                ),
+            )
         )
     groups = await asyncio.gather(*(_bounded(name, job, timeout) for name, job in jobs))
     return [result for group in groups for result in group]
@@ -139,10 +144,25 @@ def check_keys(settings: Settings) -> list[CheckResult]:
     return [ok("keys", f"{len(keyring.key_ids)} readable ({ids}); active key '{keyring.active}'")]
 
 
-def check_tier1(cluster: str, archive: WalArchive | None) -> list[CheckResult]:
-    """Tier 1 writable: create, fsync and remove a temporary file in the cluster's directory."""
+def check_tier1(
+    cluster: str, archive: WalArchive | None, *, tier2: bool = False
+) -> list[CheckResult]:
+    """Tier 1 writable: create, fsync and remove a temporary file in the cluster's directory.
+
+    Without Tier 1 but with a bucket (``tier2``), the configuration is the read-only
+    disaster-recovery mode: a warning, not a failure.
+    """
     name = f"{cluster}/tier1"
     if archive is None:
+        if tier2:
+            return [
+                warn(
+                    name,
+                    "tier1.path is not set: read-only disaster-recovery mode (list, verify and "
+                    "restore from the bucket; the services need Tier 1)",
+                    hint="set tier1.path to the Tier-1 volume to run the services",
+                )
+            ]
         return [fail(name, "tier1.path is not set", hint="set tier1.path to the Tier-1 volume")]
     # Before the first WAL arrives the cluster directory does not exist: the receiver creates it
     # under the Tier-1 root, so that is what must be writable.
@@ -360,38 +380,14 @@ async def check_nats(settings: Settings, *, timeout: float = TIMEOUT) -> list[Ch
 
 
 async def check_bucket(s3: S3Settings, *, timeout: float = TIMEOUT) -> list[CheckResult]:
-    """The Tier-2 bucket answers HEAD with the standard AWS credential chain."""
-    import aioboto3
-    from botocore.config import Config
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+    """The Tier-2 bucket exists and the standard AWS credential chain may list it."""
+    from klio_common.storage.s3 import S3Store
 
     where = describe_s3(s3)
-    config = Config(
-        connect_timeout=timeout / 2, read_timeout=timeout / 2, retries={"max_attempts": 1}
-    )
-    verify: bool | str = str(s3.ca_bundle) if s3.ca_bundle else s3.verify_tls
+    store = S3Store(s3, connect_timeout=timeout / 2, read_timeout=timeout / 2, attempts=1)
     try:
-        session = aioboto3.Session()
-        async with session.client(
-            "s3", endpoint_url=s3.endpoint_url, region_name=s3.region, verify=verify, config=config
-        ) as client:
-            await client.head_bucket(Bucket=s3.bucket)
-    except NoCredentialsError:
-        return [
-            fail(
-                "tier2",
-                f"no S3 credentials for {where}",
-                hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or another AWS credential source",
-            )
-        ]
-    except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", "?"))
-        hint = {
-            "404": "create the bucket or fix tier2.s3.bucket",
-            "NoSuchBucket": "create the bucket or fix tier2.s3.bucket",
-            "403": "the credentials may not access this bucket",
-        }.get(code)
-        return [fail("tier2", f"{where}: HEAD bucket answered {code}", hint)]
-    except BotoCoreError as exc:
-        return [fail("tier2", f"{where}: {exc}", hint="check tier2.s3.endpoint_url and network")]
-    return [ok("tier2", f"{where} is reachable")]
+        async with store:
+            await store.check()
+    except KlioError as exc:
+        return [fail("tier2", f"{where}: {exc.message}", exc.hint)]
+    return [ok("tier2", f"{where} is reachable and may be listed")]

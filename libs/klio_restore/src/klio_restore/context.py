@@ -1,4 +1,4 @@
-"""What the read path needs for one cluster: its settings, WAL archive, key ring and codec."""
+"""What the read path needs for one cluster: its settings, tiers, key ring and codec."""
 
 from __future__ import annotations
 
@@ -6,12 +6,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from klio_common import compression
 from klio_common.catalog.wal import WalArchive
 from klio_common.crypto import KeyRing
 from klio_common.errors import ConfigError, NotFound
 from klio_common.runtime.settings import ClusterSettings, Settings
+
+if TYPE_CHECKING:
+    from klio_restore.tier2 import Bucket, BucketWal
 
 
 def load_settings(config: Path | None, env: Mapping[str, str]) -> Settings:
@@ -59,17 +63,72 @@ def pick_cluster(settings: Settings, name: str | None) -> ClusterSettings:
 
 @dataclass(frozen=True)
 class ClusterContext:
-    """The read path's view of one cluster.
+    """The read path's view of one cluster, on the tier it reads.
 
     Attributes:
         settings: the whole configuration.
         cluster: this cluster's settings.
-        archive: its Tier-1 WAL archive.
+        tier1: its Tier-1 WAL archive, or None when no Tier 1 is configured (disaster-recovery
+            mode: only the bucket).
+        tier: the tier backups are read from (1 or 2).
     """
 
     settings: Settings
     cluster: ClusterSettings
-    archive: WalArchive
+    tier1: WalArchive | None
+    tier: int = 1
+
+    @property
+    def archive(self) -> WalArchive:
+        """The Tier-1 WAL archive.
+
+        Raises:
+            ConfigError: no Tier 1 is configured.
+        """
+        if self.tier1 is None:
+            raise ConfigError(
+                ["tier1.path: not set; this command reads the Tier-1 directory"],
+                hint="set tier1.path, or use --tier 2 where the command offers it",
+            )
+        return self.tier1
+
+    @property
+    def has_tier2(self) -> bool:
+        """Whether a bucket is configured."""
+        return self.settings.tier2 is not None
+
+    @cached_property
+    def bucket(self) -> Bucket:
+        """The cluster's objects in the bucket (the client starts on the first request).
+
+        Raises:
+            ConfigError: no Tier 2 is configured.
+        """
+        from klio_restore.tier2 import Bucket
+
+        if self.settings.tier2 is None:
+            raise ConfigError(
+                ["tier2.s3: not set; reading Tier 2 needs the bucket"],
+                hint="set tier2.s3.bucket (and endpoint_url, region) to the bucket the relay fills",
+            )
+        return Bucket(self.settings.tier2.s3, self.cluster.name)
+
+    def bucket_wal(self) -> BucketWal:
+        """The WAL archive in the bucket."""
+        from klio_restore.tier2 import BucketWal
+
+        return BucketWal(self.bucket)
+
+    @property
+    def wal(self) -> WalArchive | BucketWal:
+        """The WAL archive of the tier this context reads."""
+        return self.bucket_wal() if self.tier == 2 else self.archive
+
+    def close(self) -> None:
+        """Release the bucket's client, if one was started."""
+        bucket = self.__dict__.get("bucket")
+        if bucket is not None:
+            bucket.close()
 
     @cached_property
     def keyring(self) -> KeyRing:
@@ -89,30 +148,44 @@ class ClusterContext:
         return compression.get(comp.algorithm, comp.level)
 
 
-def open_cluster(settings: Settings, name: str | None) -> ClusterContext:
+def open_cluster(
+    settings: Settings, name: str | None, *, tier: int | None = None
+) -> ClusterContext:
     """Build the read path's context for one cluster.
 
     Args:
         settings: the loaded configuration.
         name: the ``--cluster`` name, or None when one cluster is configured.
+        tier: 1 (the volume) or 2 (the bucket); None: Tier 1 when configured, else Tier 2
+            (a configuration with only ``tier2`` is the read-only disaster-recovery mode).
 
     Returns:
-        The context; nothing is read from disk yet.
+        The context; nothing is read yet.
 
     Raises:
-        ConfigError: no Tier 1 is configured, or no cluster can be picked.
+        ConfigError: the chosen tier is not configured, or no cluster can be picked.
         NotFound: no such cluster.
     """
     cluster = pick_cluster(settings, name)
-    if settings.tier1 is None:
+    if tier is None:
+        tier = 2 if settings.tier1 is None and settings.tier2 is not None else 1
+    if tier == 1 and settings.tier1 is None:
         raise ConfigError(
-            ["tier1.path: not set; the read path needs the Tier-1 directory"],
-            hint="set tier1.path (or KLIO_TIER1__PATH) to the volume the services write to",
+            ["tier1.path: not set; the read path needs the Tier-1 directory or the bucket"],
+            hint="set tier1.path (or KLIO_TIER1__PATH) to the volume the services write to, or "
+            "tier2.s3 to read the bucket",
         )
-    archive = WalArchive(
-        settings.tier1.path,
-        cluster.name,
-        file_mode=settings.tier1.file_mode,
-        dir_mode=settings.tier1.dir_mode,
-    )
-    return ClusterContext(settings=settings, cluster=cluster, archive=archive)
+    if tier == 2 and settings.tier2 is None:
+        raise ConfigError(
+            ["tier2.s3: not set; --tier 2 reads the bucket"],
+            hint="set tier2.s3.bucket (and endpoint_url, region) to the bucket the relay fills",
+        )
+    archive = None
+    if settings.tier1 is not None:
+        archive = WalArchive(
+            settings.tier1.path,
+            cluster.name,
+            file_mode=settings.tier1.file_mode,
+            dir_mode=settings.tier1.dir_mode,
+        )
+    return ClusterContext(settings=settings, cluster=cluster, tier1=archive, tier=tier)

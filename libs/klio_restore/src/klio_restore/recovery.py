@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from klio_common import fsio
 from klio_common.catalog.backups import BackupManifest
@@ -17,6 +18,9 @@ from klio_common.errors import KlioError, NotFound
 from klio_common.pg.lsn import Lsn
 from klio_common.pg.walname import WalSegment, history_name
 from klio_restore.walverify import check_continuity
+
+if TYPE_CHECKING:
+    from klio_restore.tier2 import BucketWal
 
 KINDS = ("time", "lsn", "xid", "name", "immediate")
 _XID_RE = re.compile(r"[0-9]{1,20}")
@@ -229,7 +233,10 @@ def _ends_before(manifest: BackupManifest, target: RecoveryTarget) -> bool:
 
 
 def check_archive_reach(
-    archive: WalArchive, keyring: KeyRing, backup: BackupManifest, target: RecoveryTarget
+    archive: WalArchive | BucketWal,
+    keyring: KeyRing,
+    backup: BackupManifest,
+    target: RecoveryTarget,
 ) -> None:
     """Refuse a restore whose WAL the archive does not hold (names only, nothing decoded).
 
@@ -237,7 +244,8 @@ def check_archive_reach(
     up to the target LSN's segment for an LSN target, up to the backup's end for
     ``immediate``, and up to the newest archived segment otherwise (a gap there would end
     recovery early and promote with committed transactions missing). Only complete segments
-    count: ``restore_command`` never gets a ``.partial``.
+    count: ``restore_command`` never gets a ``.partial``. ``archive`` is Tier 1's, or the
+    bucket's for a restore from Tier 2.
 
     Raises:
         NotFound: there is no WAL archive for the cluster.
@@ -299,7 +307,7 @@ def check_archive_reach(
         )
     when = target.time
     if when is not None:
-        stored = archive.header(archive.segment_path(cont.last.name)).created_at
+        stored = _stored_at(archive, cont.last.name)
         if when.timestamp() > stored + TIME_TARGET_SLACK:
             at = datetime.fromtimestamp(stored, UTC).isoformat(sep=" ", timespec="seconds")
             raise TargetError(
@@ -307,6 +315,12 @@ def check_archive_reach(
                 f"segment {cont.last.name} was stored at {at}",
                 hint=switch_hint,
             )
+
+
+def _stored_at(archive: WalArchive | BucketWal, name: str) -> int:
+    if isinstance(archive, WalArchive):
+        return archive.header(archive.segment_path(name)).created_at
+    return archive.stored_at(name)
 
 
 def _aware(value: datetime) -> datetime:

@@ -26,11 +26,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from klio_common.catalog.wal import WalArchive
 from klio_common.crypto import KeyRing
-from klio_common.errors import NotFound
+from klio_common.errors import KlioError, NotFound
 from klio_common.pg.walname import is_history_name, is_partial_name, is_segment_name
+
+if TYPE_CHECKING:
+    from klio_restore.tier2 import BucketWal
 
 EXIT_RESTORED = 0
 EXIT_MISSING = 1
@@ -63,12 +67,79 @@ def tier1_source(archive: WalArchive, keyring: KeyRing) -> Source:
     return fetch
 
 
-def sources(archive: WalArchive, keyring: KeyRing) -> list[Source]:
-    """Where ``wal-restore`` looks, in order.
+def sources(
+    archive: WalArchive | None,
+    keyring: KeyRing,
+    bucket: Callable[[], BucketWal] | None = None,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> list[Source]:
+    """Where ``wal-restore`` looks: Tier 1, then Tier 2 (the bucket) when one is configured.
 
-    Tier 2 (the bucket) joins this list, after Tier 1, in a later issue.
+    The bucket serves a file Tier 1 lacks, and one whose Tier-1 copy fails its checks (or
+    cannot be read). Each tier's errors still stop recovery: a corrupt bucket copy, or a bucket
+    that cannot be reached, raises rather than reading as "not archived" (which would end
+    recovery early). A Tier-1 copy that is unusable while the bucket lacks the file raises the
+    Tier-1 error.
+
+    Args:
+        archive: the Tier-1 archive; None when no Tier 1 is configured.
+        keyring: the keys.
+        bucket: makes the Tier-2 reader on first use (so a Tier-1 hit never starts an S3
+            client); None without Tier 2.
+        log: told which tier served a file from the bucket, and why Tier 1 did not.
+
+    Raises:
+        NotFound: there is no Tier-2 fallback and the Tier-1 archive does not exist.
     """
-    return [tier1_source(archive, keyring)]
+    if bucket is None:
+        if archive is None:
+            raise NotFound(
+                "no WAL archive is configured",
+                hint="set tier1.path, or tier2.s3 to read the bucket",
+            )
+        return [tier1_source(archive, keyring)]
+    first = None
+    if archive is not None and archive.cluster_dir.is_dir():
+        first = tier1_source(archive, keyring)
+    return [_with_fallback(first, bucket, keyring, log or (lambda _m: None))]
+
+
+def _with_fallback(
+    first: Source | None,
+    bucket: Callable[[], BucketWal],
+    keyring: KeyRing,
+    log: Callable[[str], None],
+) -> Source:
+    reader: list[BucketWal] = []
+
+    def fetch(name: str) -> bytes | None:
+        problem: Exception | None = None
+        if first is not None:
+            try:
+                data = first(name)
+            except (KlioError, OSError) as exc:
+                problem = exc
+                log(f"{name}: the Tier-1 copy is unusable: {_describe(exc)}; trying Tier 2")
+            else:
+                if data is not None:
+                    return data
+        if not reader:
+            reader.append(bucket())
+        try:
+            data = reader[0].read(name, keyring)
+        except NotFound:
+            if problem is not None:
+                raise problem from None
+            return None
+        log(f"{name} restored from Tier 2 ({reader[0].where})")
+        return data
+
+    return fetch
+
+
+def _describe(exc: Exception) -> str:
+    return exc.message if isinstance(exc, KlioError) else str(exc)
 
 
 def fetch(name: str, dest: Path, chain: list[Source]) -> bool:
