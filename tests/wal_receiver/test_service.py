@@ -24,6 +24,8 @@ def _get(url: str) -> tuple[int, str]:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()
+    except urllib.error.URLError:
+        return 0, ""  # not listening yet (or any more)
 
 
 def test_health_and_metrics_endpoints(
