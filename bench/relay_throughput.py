@@ -1,0 +1,248 @@
+"""Benchmark: the relay's Tier-1-to-bucket throughput against a plain boto3 upload."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.lab import SEGMENT, VENV_BIN, Child, Lab, children_cpu, process_cpu, say
+from klio_common import compression
+from klio_common.catalog.backups import BackupCatalog, BackupManifest, FileEntry
+from klio_common.catalog.chunks import DEFAULT_CHUNK_SIZE, ChunkStore
+from klio_common.catalog.wal import WalArchive
+from klio_common.crypto import KeyRing
+from klio_common.pg.walname import WalSegment
+from klio_common.storage.layout import kind_of
+from klio_dev import S3Server
+
+CLUSTER = "tput"  # not the lab's "main": its events must not mix with the other benchmarks'
+BUCKET = "klio-bench"
+VARIANTS = ("relay", "boto3")
+CONCURRENCY = 4
+TIMEOUT = 1800.0
+
+# The baseline: every file under ROOT to KEY_PREFIX + its relative path, CONCURRENCY at a time,
+# with boto3's defaults, as a script would do it.
+_BOTO3 = """
+import concurrent.futures as cf, sys, boto3, botocore.config
+endpoint, bucket, prefix, root, jobs, listing = sys.argv[1:]
+paths = open(listing).read().split()
+client = boto3.client("s3", endpoint_url=endpoint,
+    config=botocore.config.Config(max_pool_connections=int(jobs)))
+def put(rel):
+    with open(root + "/" + rel, "rb") as f:
+        client.put_object(Bucket=bucket, Key=prefix + rel, Body=f.read())
+with cf.ThreadPoolExecutor(int(jobs)) as pool:
+    list(pool.map(put, paths))
+"""
+
+
+def run(lab: Lab, *, runs: int, total_bytes: int) -> dict[str, Any]:
+    """Fill a Tier-1 directory with ``total_bytes`` of objects; time relay and boto3 uploads.
+
+    About three quarters of the bytes are 16 MiB WAL segments, the rest 128 KiB chunks of one
+    committed backup (whose WAL range is those segments): the relay's two kinds of work.
+
+    Returns:
+        ``{"bytes", "objects", "concurrency", "samples": {variant: [{"seconds",
+        "cpu_seconds"}, ...]}}``.
+    """
+    base = lab.root / "relay_throughput"
+    s3 = S3Server(lab.root, name="s3-throughput").start()
+    try:
+        config, tier1 = _config(lab, base, s3)
+        paths = _fill(lab, tier1 / CLUSTER, total_bytes)
+        size = sum((tier1 / CLUSTER / p).stat().st_size for p in paths)
+        listing = base / "objects.txt"
+        listing.write_text("\n".join(paths) + "\n")
+        say(f"relay_throughput: {len(paths)} objects, {size / 1e6:.0f} MB on Tier 1")
+        samples: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+        env = {**os.environ, **s3.env(), "KLIO_LOG_FORMAT": "text"}
+        for index in range(runs):
+            order = VARIANTS if index % 2 == 0 else tuple(reversed(VARIANTS))
+            for variant in order:
+                s3.reset()
+                s3.create_bucket(BUCKET)
+                if variant == "relay":
+                    sample = _relay(config, tier1 / CLUSTER, base, env, len(paths))
+                else:
+                    sample = _boto3(s3, tier1 / CLUSTER, listing, env)
+                _check_bucket(s3, len(paths), size)
+                say(f"relay_throughput {variant}: {size / sample['seconds'] / 1e6:.0f} MB/s")
+                samples[variant].append(sample)
+    finally:
+        s3.stop()
+    return {"bytes": size, "objects": len(paths), "concurrency": CONCURRENCY, "samples": samples}
+
+
+def _config(lab: Lab, base: Path, s3: S3Server) -> tuple[Path, Path]:
+    config = lab.klio_config(base, slot="bench_tput", encrypted=True, compression="zstd")
+    doc = yaml.safe_load(config.read_text())
+    doc["clusters"][0]["name"] = CLUSTER
+    doc["tier2"] = {"s3": {"bucket": BUCKET, "endpoint_url": s3.endpoint_url}}
+    doc["relay"] = {"concurrency": CONCURRENCY, "reconcile_interval": 3600}
+    doc["services"]["relay"] = {"http_port": 0, "http_host": "127.0.0.1"}
+    config.write_text(yaml.safe_dump(doc))
+    return config, base / "tier1"
+
+
+def _fill(lab: Lab, cluster_dir: Path, total: int) -> list[str]:
+    """Write segments and one backup's chunks (zstd-3 + AES-256-GCM, incompressible data)."""
+    keyring = KeyRing.load("k1", {"k1": lab.key_file})
+    codec = compression.get("zstd", 3)
+    archive = WalArchive(cluster_dir.parent, CLUSTER)
+    archive.ensure_identity(lab.pg.system_identifier(), SEGMENT, 150000, int(time.time()))
+    count = max(2, round(total * 0.75 / SEGMENT))
+    first = WalSegment(1, 0x100, SEGMENT)
+    names = [WalSegment(1, first.segno + i, SEGMENT).name for i in range(count)]
+    for name in names:
+        archive.store_segment(name, secrets.token_bytes(SEGMENT), codec=codec, keyring=keyring)
+    store = ChunkStore(cluster_dir, keyring, codec)
+    chunks = []
+    for _ in range(max(1, (total - count * SEGMENT) // DEFAULT_CHUNK_SIZE)):
+        piece = secrets.token_bytes(DEFAULT_CHUNK_SIZE)
+        chunk_id = store.chunk_id(piece)
+        store.put(chunk_id, piece)
+        chunks.append(chunk_id)
+    store.sync()
+    started = datetime.now(UTC)
+    catalog = BackupCatalog(cluster_dir, keyring, codec)
+    size = len(chunks) * DEFAULT_CHUNK_SIZE
+    catalog.commit(
+        BackupManifest(
+            id="20260101T000000Z",
+            cluster=CLUSTER,
+            system_id=str(lab.pg.system_identifier()),
+            pg_version=150000,
+            timeline=1,
+            start_lsn=str(first.start_lsn),
+            end_lsn=str(first.start_lsn + SEGMENT),
+            start_time=started,
+            end_time=started + timedelta(seconds=1),
+            label="bench",
+            chunk_size=DEFAULT_CHUNK_SIZE,
+            compression="zstd",
+            key_id="k1",
+            size=size,
+            stored_size=size,
+            new_chunk_bytes=size,
+            chunks_total=len(chunks),
+            chunks_new=len(chunks),
+            wal_start_segment=names[0],
+            wal_end_segment=names[-1],
+            files=[FileEntry(path="base/1/16384", size=size, chunks=chunks)],
+        )
+    )
+    return sorted(
+        p.relative_to(cluster_dir).as_posix()
+        for p in cluster_dir.rglob("*")
+        if p.is_file() and kind_of(p.relative_to(cluster_dir).as_posix()) is not None
+    )
+
+
+def _journaled(cluster_dir: Path) -> int:
+    try:
+        lines = (cluster_dir / "tier2" / "journal").read_bytes().split(b"\n")
+    except FileNotFoundError:
+        return 0
+    return len({line.split(b"\t", 1)[0] for line in lines if line.count(b"\t") == 2})
+
+
+def _relay(
+    config: Path, cluster_dir: Path, base: Path, env: dict[str, str], objects: int
+) -> dict[str, float]:
+    """Start ``klio-relay`` on the filled Tier 1 (its start-up reconciliation relays it all)."""
+    shutil.rmtree(cluster_dir / "tier2", ignore_errors=True)  # a fresh journal: nothing sent
+    shutil.rmtree(cluster_dir / "outbox", ignore_errors=True)
+    child = Child(
+        [str(VENV_BIN / "klio-relay"), "--config", str(config)], base / "relay.log", env=env
+    )
+    try:
+        seconds = child.wait_for(
+            lambda: _journaled(cluster_dir) >= objects, TIMEOUT, "every object relayed"
+        )
+        cpu = process_cpu(child.pid)
+    finally:
+        child.stop()
+    return {"seconds": seconds, "cpu_seconds": cpu}
+
+
+def _boto3(s3: S3Server, cluster_dir: Path, listing: Path, env: dict[str, str]) -> dict[str, float]:
+    argv = [
+        sys.executable,
+        "-c",
+        _BOTO3,
+        s3.endpoint_url,
+        BUCKET,
+        f"{CLUSTER}/",
+        str(cluster_dir),
+        str(CONCURRENCY),
+        str(listing),
+    ]
+    cpu = children_cpu()
+    started = time.perf_counter()
+    subprocess.run(argv, env=env, check=True, timeout=TIMEOUT)
+    return {"seconds": time.perf_counter() - started, "cpu_seconds": children_cpu() - cpu}
+
+
+def _check_bucket(s3: S3Server, objects: int, size: int) -> None:
+    client = s3.client()
+    found, stored = 0, 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        for item in page.get("Contents", []):
+            found += 1
+            stored += item["Size"]
+    if (found, stored) != (objects, size):
+        raise RuntimeError(
+            f"bucket holds {found} objects, {stored} bytes; expected {objects}, {size}"
+        )
+
+
+def summarize(raw: dict[str, Any]) -> dict[str, Any]:
+    """Median MB/s and CPU share of each variant; the ratio relay / boto3 (higher is better)."""
+    out: dict[str, Any] = {}
+    for variant, samples in raw["samples"].items():
+        seconds = sorted(s["seconds"] for s in samples)[len(samples) // 2]
+        cpu = sorted(s["cpu_seconds"] / s["seconds"] for s in samples)[len(samples) // 2]
+        out[variant] = {"median_mb_s": raw["bytes"] / seconds / 1e6, "cpu_pct": 100 * cpu}
+    out["ratio"] = {"relay": out["relay"]["median_mb_s"] / out["boto3"]["median_mb_s"]}
+    return out
+
+
+def render(summary: dict[str, Any], raw: dict[str, Any]) -> list[str]:
+    """The Markdown table."""
+    runs = len(raw["samples"]["relay"])
+    lines = [
+        f"### Relay throughput: {raw['objects']} objects, {raw['bytes'] / 1e6:.0f} MB "
+        f"({runs} run{'s' if runs > 1 else ''} each, concurrency {raw['concurrency']})",
+        "",
+        "| upload | median MB/s | CPU | ratio |",
+        "|---|---|---|---|",
+        f"| boto3 `put_object`, {raw['concurrency']} threads | "
+        f"{summary['boto3']['median_mb_s']:.0f} | {summary['boto3']['cpu_pct']:.0f}% | 1.00× |",
+        f"| `klio-relay` (verify, checksum, conditional PUT, HEAD, journal, events) | "
+        f"{summary['relay']['median_mb_s']:.0f} | {summary['relay']['cpu_pct']:.0f}% | "
+        f"{summary['ratio']['relay']:.2f}× |",
+        "",
+    ]
+    return lines
+
+
+def main() -> None:  # pragma: no cover - manual runs: python -m bench.relay_throughput
+    with Lab(quick=True) as lab:
+        raw = run(lab, runs=1, total_bytes=200_000_000)
+        print(json.dumps(summarize(raw), indent=2))
+
+
+if __name__ == "__main__":
+    main()
