@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import secrets
 import shutil
 import subprocess
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from klio_common import fsio
+from klio_common import compression, fsio
+from klio_common.catalog.backups import BackupCatalog, BackupManifest, FileEntry
+from klio_common.catalog.chunks import ChunkStore
+from klio_common.catalog.wal import WalArchive
 from klio_common.objects import encode_object
+from klio_common.pg.lsn import Lsn
+from klio_common.pg.walname import WalSegment
 from klio_common.runtime.settings import Settings
 from klio_common.storage.layout import Kind, kind_of
 from klio_dev import S3Server
 from tests.basebackup.helpers import catalog_of
 from tests.restore.helpers import klio, output_of
-from tests.wal_receiver.helpers import VENV_BIN
+from tests.wal_receiver.helpers import VENV_BIN, keyring_of
 
 BUCKET = "klio-test"
+SEG = 1 << 20
 
 
 def retention(config: Path, *args: str) -> list[dict[str, Any]]:
@@ -104,3 +112,68 @@ def download_bucket(s3: S3Server, dest: Path, cluster: str = "main") -> Path:
         target.write_bytes(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
         target.chmod(0o640)
     return dest
+
+
+def synthetic_cluster(
+    settings: Settings, starts: list[int], *, first: int = 1, wal: range = range(1, 10)
+) -> list[str]:
+    """A cluster on Tier 1 without PostgreSQL: 1 MiB segments ``wal``, and a backup
+    starting in each segment of ``starts`` (ids numbered from ``first``, ending ``10 - n`` days
+    ago), each with a chunk of its own and one it shares with the others of this call."""
+    assert settings.tier1 is not None
+    keyring = keyring_of(settings)
+    codec = compression.get("zstd", 3)
+    archive = WalArchive(settings.tier1.path, "main")
+    archive.ensure_identity(7400000000000000001, SEG, 150000, 0)
+    for segno in wal:
+        name = WalSegment(1, segno, SEG).name
+        archive.store_segment(name, bytes(SEG), codec=codec, keyring=keyring)
+    catalog = BackupCatalog(archive.cluster_dir, keyring, codec)
+    store = ChunkStore(archive.cluster_dir, keyring, codec)
+    shared = secrets.token_bytes(1000)
+    ids = []
+    for n, segno in enumerate(starts, start=first):
+        backup_id = f"202601{n:02d}T000000Z"
+        files = {"global/pg_control": shared, "base/1/1": secrets.token_bytes(5000)}
+        entries = []
+        for path, data in files.items():
+            chunk = store.chunk_id(data)
+            store.put(chunk, data)
+            entries.append(
+                FileEntry(
+                    path=path,
+                    size=len(data),
+                    chunks=[chunk],
+                    sha256=hashlib.sha256(data).hexdigest(),
+                )
+            )
+        store.sync()
+        catalog.begin(backup_id)
+        ended = datetime.now(UTC) - timedelta(days=10 - n)
+        catalog.commit(
+            BackupManifest(
+                id=backup_id,
+                cluster="main",
+                system_id="7400000000000000001",
+                pg_version=150000,
+                timeline=1,
+                start_lsn=str(Lsn(segno * SEG + 40)),
+                end_lsn=str(Lsn(segno * SEG + 4000)),
+                start_time=ended - timedelta(seconds=5),
+                end_time=ended,
+                label=backup_id,
+                chunk_size=131072,
+                compression="zstd",
+                key_id=keyring.active,
+                size=6000,
+                stored_size=0,
+                new_chunk_bytes=0,
+                chunks_total=2,
+                chunks_new=2,
+                wal_start_segment=WalSegment(1, segno, SEG).name,
+                wal_end_segment=WalSegment(1, segno, SEG).name,
+                files=entries,
+            )
+        )
+        ids.append(backup_id)
+    return ids

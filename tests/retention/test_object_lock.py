@@ -2,94 +2,24 @@
 
 from __future__ import annotations
 
-import hashlib
-import secrets
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from klio_common import compression
-from klio_common.catalog.backups import BackupCatalog, BackupManifest, FileEntry
-from klio_common.catalog.chunks import ChunkStore
-from klio_common.catalog.wal import WalArchive
-from klio_common.pg.lsn import Lsn
 from klio_common.pg.walname import WalSegment
-from klio_common.runtime.settings import Settings
 from klio_common.storage.layout import manifest_path, wal_path
 from klio_common.storage.tier2state import Tier2State
 from klio_dev import S3Server
 from klio_dev.waiting import wait_until
 from tests.fixtures.paths import KlioConfigWriter
-from tests.relay.helpers import keyring_of, load, relay_inprocess
-from tests.retention.helpers import retention
+from tests.relay.helpers import load, relay_inprocess
+from tests.retention.helpers import SEG, retention, synthetic_cluster
 
 pytestmark = pytest.mark.integration
 LOCKED = "klio-locked"
-SEG = 1 << 20
 NOW = datetime.now(UTC)
-
-
-def build_tier1(settings: Settings) -> list[str]:
-    """A cluster on Tier 1 without PostgreSQL: 1 MiB segments 1..8, backups at 2, 4 and 6."""
-    assert settings.tier1 is not None
-    keyring = keyring_of(settings)
-    codec = compression.get("zstd", 3)
-    archive = WalArchive(settings.tier1.path, "main")
-    archive.ensure_identity(7400000000000000001, SEG, 150000, int(NOW.timestamp()))
-    for segno in range(1, 9):
-        name = WalSegment(1, segno, SEG).name
-        archive.store_segment(name, bytes(SEG), codec=codec, keyring=keyring)
-    catalog = BackupCatalog(archive.cluster_dir, keyring, codec)
-    store = ChunkStore(archive.cluster_dir, keyring, codec)
-    shared = secrets.token_bytes(1000)
-    ids = []
-    for n, segno in enumerate((2, 4, 6), start=1):
-        backup_id = f"2026010{n}T000000Z"
-        files = {"global/pg_control": shared, "base/1/1": secrets.token_bytes(5000)}
-        entries = []
-        for path, data in files.items():
-            chunk = store.chunk_id(data)
-            store.put(chunk, data)
-            entries.append(
-                FileEntry(
-                    path=path,
-                    size=len(data),
-                    chunks=[chunk],
-                    sha256=hashlib.sha256(data).hexdigest(),
-                )
-            )
-        store.sync()
-        catalog.begin(backup_id)
-        ended = NOW - timedelta(days=10 - n)
-        catalog.commit(
-            BackupManifest(
-                id=backup_id,
-                cluster="main",
-                system_id="7400000000000000001",
-                pg_version=150000,
-                timeline=1,
-                start_lsn=str(Lsn(segno * SEG + 40)),
-                end_lsn=str(Lsn(segno * SEG + 4000)),
-                start_time=ended - timedelta(seconds=5),
-                end_time=ended,
-                label=backup_id,
-                chunk_size=131072,
-                compression="zstd",
-                key_id=keyring.active,
-                size=6000,
-                stored_size=0,
-                new_chunk_bytes=0,
-                chunks_total=2,
-                chunks_new=2,
-                wal_start_segment=WalSegment(1, segno, SEG).name,
-                wal_end_segment=WalSegment(1, segno, SEG).name,
-                files=entries,
-            )
-        )
-        ids.append(backup_id)
-    return ids
 
 
 def test_locked_objects_are_held_and_reported(
@@ -115,7 +45,7 @@ def test_locked_objects_are_held_and_reported(
         extra={"clusters": [cluster], "retention": {"chunk_grace": 0}},
     )
     settings = load(config)
-    b1, b2, b3 = build_tier1(settings)
+    b1, b2, b3 = synthetic_cluster(settings, [2, 4, 6])
     journal = Tier2State(tier1_dir / "main")
 
     def relayed() -> bool:

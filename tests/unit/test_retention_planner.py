@@ -265,3 +265,13 @@ def test_refuses_a_plan_that_keeps_nothing() -> None:
     snap = Snapshot(1, "main", SEG, backups=backups)
     with pytest.raises(Permanent, match="would keep none"):
         plan(snap, NOW, Policy("redundancy", 0), minimum_redundancy=0)
+
+
+def test_the_benchmark_plans_both_tiers() -> None:
+    from bench import retention_plan
+
+    result = retention_plan.run(runs=1, quick=True)
+    assert set(result["tiers"]) == {"1", "2"}
+    for row in result["tiers"].values():
+        assert row["expired"] > 0 and row["wal_deleted"] > 0 and row["chunks_deleted"] > 0
+    assert "| 1 | RECOVERY WINDOW OF 30 DAYS |" in retention_plan.render(result)
