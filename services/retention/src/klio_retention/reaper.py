@@ -32,6 +32,9 @@ log = logging.getLogger("klio.retention")
 TOMBSTONES = "tier2/deleted"
 """Objects retention deleted from the bucket (journal lines), for the relay not to trust them."""
 _LEASE_RECHECK = 256
+LEFTOVER_AGE = 60.0
+"""A backup directory without manifest or lease is a crash's leftover only when at least this old
+(younger, it may be a backup between creating its directory and writing its lease)."""
 
 
 class Reaper:
@@ -59,7 +62,7 @@ class Reaper:
                 s.keyring,
                 s.catalog(),
                 tier2=s.store is not None,
-                young_after=now_.timestamp() - s.chunk_grace,
+                young_after=now_.timestamp() - max(s.chunk_grace, LEFTOVER_AGE),
             )
         protected = frozenset(await asyncio.to_thread(s.catalog().known_chunks))
         return await s.bucket().snapshot(protected)
