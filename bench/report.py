@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-MB = 1_000_000
+from bench import report_backup
+from bench.stats import MB, column, mean, median, ratio, runs_text, table, times
+
+__all__ = ["MB", "mean", "median", "ratio"]  # the arithmetic lives in bench.stats
 
 INGEST_BASELINE = "pg_receivewal"
 INGEST_VARIANTS = ("klio_zstd_aes", "klio_none")
@@ -35,43 +37,6 @@ LABELS = {
 }
 
 
-def median(values: Sequence[float]) -> float:
-    """Return the median of ``values``.
-
-    Raises:
-        ValueError: ``values`` is empty.
-    """
-    if not values:
-        raise ValueError("median of no values")
-    return float(statistics.median(values))
-
-
-def mean(values: Sequence[float]) -> float:
-    """Return the arithmetic mean of ``values``.
-
-    Raises:
-        ValueError: ``values`` is empty.
-    """
-    if not values:
-        raise ValueError("mean of no values")
-    return float(statistics.fmean(values))
-
-
-def ratio(value: float, baseline: float) -> float:
-    """Return ``value / baseline``.
-
-    Raises:
-        ValueError: the baseline is not positive (the figure would be meaningless).
-    """
-    if baseline <= 0:
-        raise ValueError(f"ratio against a baseline of {baseline}")
-    return value / baseline
-
-
-def _column(samples: Sequence[Mapping[str, float]], key: str) -> list[float]:
-    return [float(s[key]) for s in samples]
-
-
 def summarize_ingest(raw: Mapping[str, Any]) -> dict[str, Any]:
     """Median throughput and CPU per receiver, and each Klio variant's ratio to pg_receivewal.
 
@@ -85,8 +50,8 @@ def summarize_ingest(raw: Mapping[str, Any]) -> dict[str, Any]:
     nbytes = float(raw["bytes"])
     out: dict[str, Any] = {}
     for name, samples in raw["samples"].items():
-        seconds = _column(samples, "seconds")
-        cpu = _column(samples, "cpu_seconds")
+        seconds = column(samples, "seconds")
+        cpu = column(samples, "cpu_seconds")
         out[name] = {
             "median_mb_s": median([nbytes / MB / s for s in seconds]),
             "median_seconds": median(seconds),
@@ -94,7 +59,7 @@ def summarize_ingest(raw: Mapping[str, Any]) -> dict[str, Any]:
             "cpu_pct": 100 * median([c / s for c, s in zip(cpu, seconds, strict=True)]),
         }
         if all("startup_seconds" in s for s in samples):
-            startup = _column(samples, "startup_seconds")
+            startup = column(samples, "startup_seconds")
             out[name]["median_startup_seconds"] = median(startup)
             streaming = [s - u for s, u in zip(seconds, startup, strict=True)]
             out[name]["median_mb_s_after_startup"] = median([nbytes / MB / s for s in streaming])
@@ -114,10 +79,10 @@ def summarize_sync(raw: Mapping[str, Any]) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     for name, samples in raw["samples"].items():
-        cpu = _column(samples, "cpu_seconds")
-        seconds = _column(samples, "seconds")
+        cpu = column(samples, "cpu_seconds")
+        seconds = column(samples, "seconds")
         out[name] = {
-            "median_tps": median(_column(samples, "tps")),
+            "median_tps": median(column(samples, "tps")),
             "cpu_pct": 100 * median([c / s for c, s in zip(cpu, seconds, strict=True)]),
         }
     base = out[SYNC_BASELINE]["median_tps"]
@@ -153,6 +118,8 @@ SUMMARIZERS = {
     "wal_ingest": summarize_ingest,
     "sync_standby": summarize_sync,
     "wal_restore_cost": summarize_restore,
+    "backup": report_backup.summarize_backup,
+    "replay": report_backup.summarize_replay,
 }
 
 
@@ -177,6 +144,7 @@ def required_figures(benchmarks: Sequence[str]) -> list[str]:
             needed += [f"wal_restore_cost.{name}.mean_ms", f"wal_restore_cost.{name}.median_ms"]
         for kind in ("ratio_median", "ratio_mean"):
             needed += [f"wal_restore_cost.{kind}.{m}" for m in RESTORE_METHODS]
+    needed += report_backup.required_figures(benchmarks)
     return needed
 
 
@@ -201,21 +169,6 @@ def missing_figures(summary: Mapping[str, Any]) -> list[str]:
 # -- Markdown ---------------------------------------------------------------------------------
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
-
-
-def _runs(raw: Mapping[str, Any]) -> str:
-    count = len(next(iter(raw["samples"].values())))
-    return f"{count} run" if count == 1 else f"{count} runs"
-
-
-def _x(value: float) -> str:
-    return f"{value:.2f}×"
-
-
 def render_ingest(summary: Mapping[str, Any], raw: Mapping[str, Any]) -> list[str]:
     """Markdown lines for the catch-up ingest table."""
     rows = []
@@ -223,7 +176,7 @@ def render_ingest(summary: Mapping[str, Any], raw: Mapping[str, Any]) -> list[st
         if name not in summary:
             continue
         row = summary[name]
-        vs = _x(summary["ratio"][name]) if name in summary["ratio"] else "1.00× (baseline)"
+        vs = times(summary["ratio"][name]) if name in summary["ratio"] else "1.00× (baseline)"
         stored = raw.get("stored_bytes", {}).get(name)
         startup = row.get("median_startup_seconds")
         after = row.get("median_mb_s_after_startup")
@@ -249,9 +202,9 @@ def render_ingest(summary: Mapping[str, Any], raw: Mapping[str, Any]) -> list[st
         "stored MB",
         "ratio (MB/s)",
     ]
-    runs = _runs(raw)
+    runs = runs_text(raw)
     title = f"Catch-up ingest of {raw['bytes'] / MB:.0f} MB of retained WAL ({runs} each)"
-    return [f"### {title}", "", *_table(head, rows), ""]
+    return [f"### {title}", "", *table(head, rows), ""]
 
 
 def render_sync(summary: Mapping[str, Any], raw: Mapping[str, Any]) -> list[str]:
@@ -261,11 +214,11 @@ def render_sync(summary: Mapping[str, Any], raw: Mapping[str, Any]) -> list[str]
         if name not in summary:
             continue
         row = summary[name]
-        vs = _x(summary["ratio"][name]) if name in summary["ratio"] else "1.00× (baseline)"
+        vs = times(summary["ratio"][name]) if name in summary["ratio"] else "1.00× (baseline)"
         rows.append([LABELS[name], f"{row['median_tps']:.0f}", f"{row['cpu_pct']:.0f}%", vs])
-    title = f"pgbench with one synchronous standby ({raw['pgbench']}, {_runs(raw)} each)"
+    title = f"pgbench with one synchronous standby ({raw['pgbench']}, {runs_text(raw)} each)"
     head = ["synchronous standby", "median TPS", "standby CPU (% of a core)", "ratio"]
-    return [f"### {title}", "", *_table(head, rows), ""]
+    return [f"### {title}", "", *table(head, rows), ""]
 
 
 def render_restore(summary: Mapping[str, Any], raw: Mapping[str, Any]) -> list[str]:
@@ -283,8 +236,8 @@ def render_restore(summary: Mapping[str, Any], raw: Mapping[str, Any]) -> list[s
                 f"{row['mean_ms']:.1f}",
                 f"{row['median_ms']:.1f}",
                 f"{cpu:.1f}" if cpu is not None else "—",
-                "1.00×" if base else _x(summary["ratio_mean"][name]),
-                "1.00×" if base else _x(summary["ratio_median"][name]),
+                "1.00×" if base else times(summary["ratio_mean"][name]),
+                "1.00×" if base else times(summary["ratio_median"][name]),
             ]
         )
     head = ["per 16 MiB segment", "mean ms", "median ms", "CPU ms", "ratio mean", "ratio median"]
@@ -293,13 +246,15 @@ def render_restore(summary: Mapping[str, Any], raw: Mapping[str, Any]) -> list[s
         f"Per-segment restore cost ({raw['segments']} segments; "
         f"stored {stored / MB:.1f} MB each, zstd-3 + AES-256-GCM)"
     )
-    return [f"### {title}", "", *_table(head, rows), ""]
+    return [f"### {title}", "", *table(head, rows), ""]
 
 
 RENDERERS = {
     "wal_ingest": render_ingest,
     "sync_standby": render_sync,
     "wal_restore_cost": render_restore,
+    "backup": report_backup.render_backup,
+    "replay": report_backup.render_replay,
 }
 
 

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import report, sync_standby, wal_ingest, wal_restore_cost
+from bench import backup, replay, report, sync_standby, wal_ingest, wal_restore_cost
 from bench.lab import Lab, say
 
-BENCHMARKS = ("wal_ingest", "sync_standby", "wal_restore_cost")
+BENCHMARKS = ("wal_ingest", "sync_standby", "wal_restore_cost", "backup", "replay")
 RESULTS = Path(__file__).resolve().parent / "results"
 GB = 1_000_000_000
 
@@ -27,6 +27,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", choices=BENCHMARKS, help="run one benchmark")
     parser.add_argument("--runs", type=int, help="runs per variant (default 3; --quick: 1)")
     parser.add_argument("--wal-gb", type=float, help="WAL to ingest (default 1.0; --quick: 0.05)")
+    parser.add_argument("--cluster-gb", type=float, help="backup: cluster size (1.2; quick 0.03)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes")
     parser.add_argument("--keep", action="store_true", help="keep the lab directory")
@@ -35,6 +36,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.runs = 1 if args.quick else 3
     if args.wal_gb is None:
         args.wal_gb = 0.05 if args.quick else 1.0
+    if args.cluster_gb is None:
+        args.cluster_gb = 0.03 if args.quick else 1.2
     if args.runs < 1 or args.wal_gb <= 0:
         parser.error("--runs must be at least 1 and --wal-gb greater than 0")
     return args
@@ -79,6 +82,11 @@ def run_benchmarks(lab: Lab, names: Sequence[str], args: argparse.Namespace) -> 
         elif name == "sync_standby":
             seconds, scale = (3, 1) if args.quick else (30, 10)
             raw[name] = sync_standby.run(lab, runs=args.runs, seconds=seconds, scale=scale)
+        elif name == "backup":
+            size = int(args.cluster_gb * GB)
+            raw[name] = backup.run(lab, runs=args.runs, cluster_bytes=size)
+        elif name == "replay":
+            raw[name] = replay.run(lab, runs=args.runs, wal_bytes=int(args.wal_gb * GB))
         else:
             raw[name] = wal_restore_cost.run(lab, segments=5 if args.quick else 30)
     return raw
@@ -101,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "only": args.only,
             "runs": args.runs,
             "wal_gb": args.wal_gb,
+            "cluster_gb": args.cluster_gb,
             "quick": args.quick,
         },
         "raw": raw,

@@ -24,17 +24,24 @@ def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=scaled(240),
+        timeout=scaled(480),
         check=False,
     )
     assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     [path] = list(results.glob("*.json"))
     doc = json.loads(path.read_text())
 
-    assert list(doc["summary"]) == ["wal_ingest", "sync_standby", "wal_restore_cost"]
+    assert list(doc["summary"]) == [
+        "wal_ingest",
+        "sync_standby",
+        "wal_restore_cost",
+        "backup",
+        "replay",
+    ]
     assert report.missing_figures(doc["summary"]) == []
     ratios = {k: v for k, v in report.figures(doc["summary"]).items() if ".ratio" in k}
-    assert len(ratios) == 2 + 1 + 2 * len(report.RESTORE_METHODS)
+    # backup: time, time without the WAL wait, second-backup bytes, restore time; replay: 1
+    assert len(ratios) == 2 + 1 + 2 * len(report.RESTORE_METHODS) + 4 + 1
     assert all(v > 0 for v in ratios.values()), ratios
     # Every receiver ingested the same WAL, and the encrypted archive is smaller than it.
     raw = doc["raw"]["wal_ingest"]
@@ -43,6 +50,15 @@ def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
     assert doc["raw"]["wal_restore_cost"]["segments"] == len(
         doc["raw"]["wal_restore_cost"]["ms"]["klio_process"]
     )
+    # The backups were compressed, the second one found changed pages and stored some bytes,
+    # and recovery replayed every segment both ways.
+    backup = doc["raw"]["backup"]
+    [klio] = backup["backup"]["samples"]["klio"]
+    assert 0 < klio["stored_bytes"] < klio["bytes"]
+    assert backup["incremental"]["changed_pages"] > 0
+    assert 0 < backup["incremental"]["added_bytes"] < klio["bytes"]
+    assert [len(v) for v in doc["raw"]["replay"]["samples"].values()] == [1, 1]
+    assert doc["raw"]["replay"]["segments"] >= 3
     # The printed report is the rendering of the saved document.
     assert report.render(doc) in done.stdout
     assert f"results: {path}" in done.stdout

@@ -151,3 +151,91 @@ def test_render_has_a_table_per_benchmark() -> None:
     assert "(3 runs each)" in text
     assert "(-c 4 -j 2 -T 30, 1 run each)" in text
     assert "stored 8.0 MB each" in text
+
+
+def _backup() -> dict[str, Any]:
+    def klio(seconds: float, wait: float) -> dict[str, float]:
+        return {"seconds": seconds, "wal_wait_seconds": wait, "cpu_seconds": seconds, "bytes": 100}
+
+    return {
+        "cluster": {"bytes": 1_200_000_000},
+        "backup": {
+            "samples": {
+                "pg_basebackup": [{"seconds": 4.0, "cpu_seconds": 2.0}, {"seconds": 6.0}],
+                "klio": [klio(5.0, 1.0), klio(9.0, 0.5)],
+            }
+        },
+        "incremental": {
+            "inserted_rows": 10,
+            "updated_rows": 5,
+            "changed_pages": 1000,
+            "changed_files": 3,
+            "changed_bytes": 8_192_000,
+            "added_bytes": 4_096_000,
+            "chunks_new": 40,
+        },
+        "restore": {
+            "samples": {
+                "pg_basebackup": [{"seconds": 4.0, "cpu_seconds": 2.0}],
+                "klio": [{"seconds": 3.0, "cpu_seconds": 3.0}],
+            }
+        },
+    }
+
+
+def _replay() -> dict[str, Any]:
+    return {
+        "segments": 64,
+        "bytes": 64 << 24,
+        "samples": {
+            "cp": [{"seconds": 10.0, "redo_seconds": 8.0}, {"seconds": 9.0, "redo_seconds": 4.0}],
+            "klio": [
+                {"seconds": 12.0, "redo_seconds": 16.0},
+                {"seconds": 9.0, "redo_seconds": 8.0},
+            ],
+        },
+    }
+
+
+def test_backup_times_ratios_and_the_second_backup() -> None:
+    summary = report.summarize({"backup": _backup()})["backup"]
+    backup = summary["backup"]
+    # medians of (4, 6) and (5, 9): 5 and 7; without the WAL wait (4, 8.5): 6.25
+    assert backup["pg_basebackup"]["median_seconds"] == 5.0
+    assert "cpu_pct" not in backup["pg_basebackup"]  # one sample lacks the CPU
+    assert backup["klio"]["median_wal_wait_seconds"] == 0.75
+    assert backup["ratio"] == {"klio": 7.0 / 5.0, "klio_without_wal_wait": 6.25 / 5.0}
+    assert summary["incremental"]["ratio"] == 0.5
+    assert summary["restore"]["ratio"] == {"klio": 0.75}
+    assert summary["restore"]["klio"]["cpu_pct"] == 100.0
+    assert report.missing_figures({"backup": summary}) == []
+
+
+def test_replay_rate_is_segments_per_second_of_redo() -> None:
+    summary = report.summarize({"replay": _replay()})["replay"]
+    # cp: 64 segments in 8 and 4 s -> 8 and 16 seg/s; klio: 4 and 8 seg/s
+    assert summary["cp"]["median_segments_s"] == 12.0
+    assert summary["klio"]["median_segments_s"] == 6.0
+    assert summary["ratio"] == {"klio": 0.5}
+    missing = report.missing_figures({"replay": {k: v for k, v in summary.items() if k != "cp"}})
+    assert missing == ["replay.cp.median_segments_s"]
+
+
+def test_render_backup_and_replay_tables() -> None:
+    raw = {"backup": _backup(), "replay": _replay()}
+    doc = {
+        "date": "2026-01-02 03:04 UTC",
+        "machine": {"nproc": 2, "cpu": "C", "memory_gb": 1.0, "kernel": "L", "postgresql": "15"}
+        | {"python": "3.11"},
+        "options": {},
+        "raw": raw,
+        "summary": report.summarize(raw),
+    }
+    text = report.render(doc)
+    assert "### Base backup of a 1200 MB cluster (2 runs each)" in text
+    assert "| Klio, without the wait for the WAL range | 6.25 | — | — | — | 1.25× |" in text
+    assert "| 1000 pages in 3 files | 8.2 | 4.1 (40 new chunks + manifest) | **0.50×** |" in text
+    assert (
+        "| `klio restore` (materialise PGDATA, no recovery) | 3.00 | — | 100% | — | 0.75× |" in text
+    )
+    assert "| `klio wal-restore` (prefetch spool) | 6.0 | 12.00 | 10.50 | 0.50× |" in text

@@ -32,6 +32,8 @@ from klio_common.runtime.settings import BackupSettings, ClusterSettings
 log = logging.getLogger("klio.basebackup")
 APPLICATION_NAME = "klio-basebackup"
 PROGRESS_EVERY = 1.0
+WAL_QUICK_POLL = 0.05  # seconds between looks for the backup's WAL, during the first ...
+WAL_QUICK_FOR = 3.0  # ... seconds of the wait (then walwait's own pace)
 
 
 @dataclass
@@ -277,9 +279,21 @@ class BackupJob:
         def seen(n: int) -> None:
             progress.wal_missing = n
 
-        await wait_for_wal(
-            ctx.archive, segments, backup_id=self.id, timeout=settings.wal_timeout, on_poll=seen
-        )
+        # The last segment usually lands a few ms after BASE_BACKUP ends: look again often at
+        # first rather than once a second, which added up to a second to every backup.
+        wake = asyncio.Event()
+        ticker = asyncio.create_task(_tick(wake, WAL_QUICK_POLL, WAL_QUICK_FOR))
+        try:
+            await wait_for_wal(
+                ctx.archive,
+                segments,
+                backup_id=self.id,
+                timeout=settings.wal_timeout,
+                wake=wake,
+                on_poll=seen,
+            )
+        finally:
+            ticker.cancel()
         progress.phase = "committing"
         t2 = time.monotonic()
         self.timings["wal_wait"] = t2 - t1
@@ -334,6 +348,13 @@ class BackupJob:
             extra={"cluster": ctx.name, "backup_id": self.id},
         )
         return manifest
+
+
+async def _tick(event: asyncio.Event, every: float, duration: float) -> None:
+    """Set ``event`` every ``every`` seconds for ``duration`` seconds."""
+    for _ in range(round(duration / every)):
+        await asyncio.sleep(every)
+        event.set()
 
 
 async def _progress_loop(progress: Progress) -> None:

@@ -1,8 +1,10 @@
 """Files of the stream cut into fixed-size chunks, hashed, compressed and encrypted on a pool.
 
-The event loop parses the stream and hands each full chunk to a thread pool of ``jobs`` threads
-(HMAC, zstd and AES-GCM release the GIL); at most ``2 * jobs + 2`` chunks are in flight, and the
-stream is only read further once there is room, so memory stays bounded whatever the backup size.
+The event loop parses the stream and only gathers each chunk's pieces: one join per chunk, then
+the chunk goes to a pool of ``jobs`` threads (HMAC, zstd and AES-GCM release the GIL) and, in
+stream order, to one more thread that feeds the file's SHA-256 (so the loop never hashes). At
+most ``4 * jobs + 4`` chunks wait for the pool and ``_HASH_BACKLOG`` for the hasher; the stream is
+read further only once there is room, so memory stays bounded whatever the backup size.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from klio_basebackup.stream import Member
 from klio_common.catalog.backups import FileEntry
 from klio_common.catalog.chunks import ChunkStore
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -31,12 +36,16 @@ class Figures:
     chunks_new: int = 0
 
 
+_HASH_BACKLOG = 16  # chunks queued for the file hasher (2 MiB at the default chunk size)
+
+
 @dataclass
 class _OpenFile:
     member: Member
     hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
     chunks: list[Future[str]] = field(default_factory=list)
-    buffer: bytearray = field(default_factory=bytearray)
+    pieces: list[memoryview] = field(default_factory=list)  # of the chunk being gathered
+    gathered: int = 0  # bytes in ``pieces``
     received: int = 0
 
 
@@ -56,14 +65,17 @@ class Chunker:
         self.chunk_size = chunk_size
         self.figures = Figures()
         self.entries: list[FileEntry] = []
-        self._files: list[tuple[Member, str, list[Future[str]]]] = []
+        self._files: list[tuple[Member, Future[str] | None, list[Future[str]]]] = []
         self._open: _OpenFile | None = None
         self._lock = threading.Lock()
         self._dirs: set[str] = set()
         self._seen: set[str] = set()  # ids this backup references (stored or trusted)
         self._pool = ThreadPoolExecutor(jobs, thread_name_prefix="klio-chunks")
-        self._inflight: deque[asyncio.Future[str]] = deque()
-        self._limit = 2 * jobs + 2
+        # One thread, so the updates of a file's SHA-256 run in stream order.
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="klio-filehash")
+        self._inflight: deque[Future[str]] = deque()
+        self._hashing: deque[Future[object]] = deque()
+        self._limit = 4 * jobs + 4
         self._closed = False
 
     # -- fed by the stream (event loop) ---------------------------------------------------------
@@ -75,35 +87,38 @@ class Chunker:
         if member.type != "file":
             if member.type == "dir":
                 self._dirs.add(member.path)
-            self._files.append((member, "", []))
+            self._files.append((member, None, []))
             return
         self._open = _OpenFile(member)
 
     def data(self, piece: memoryview) -> None:
-        """Bytes of the open file, in order."""
+        """Bytes of the open file, in order (kept by reference until their chunk is joined)."""
         f = self._open
         if f is None:
             return
-        f.hasher.update(piece)
         f.received += len(piece)
-        pos = 0
-        while pos < len(piece):
-            take = min(self.chunk_size - len(f.buffer), len(piece) - pos)
-            f.buffer += piece[pos : pos + take]
-            pos += take
-            if len(f.buffer) == self.chunk_size:
-                self._submit(f)
+        room = self.chunk_size - f.gathered
+        while len(piece) >= room:
+            f.pieces.append(piece[:room])
+            f.gathered += room
+            self._submit(f)
+            piece, room = piece[room:], self.chunk_size
+        if piece:
+            f.pieces.append(piece)
+            f.gathered += len(piece)
 
     def member_end(self) -> None:
         """The open file is complete."""
         f = self._open
         if f is None:
             return
-        if f.buffer:
+        if f.gathered:
             self._submit(f)
         self._open = None
         self.figures.size += f.received
-        self._files.append((f.member, f.hasher.hexdigest(), f.chunks))
+        digest = self._hasher.submit(f.hasher.hexdigest)
+        self._hashing.append(digest)  # type: ignore[arg-type]
+        self._files.append((f.member, digest, f.chunks))
 
     def add_file(self, member: Member, content: bytes) -> None:
         """A whole file at once (PostgreSQL's ``backup_manifest``)."""
@@ -113,20 +128,21 @@ class Chunker:
 
     async def pace(self) -> None:
         """Wait until few enough chunks are in flight; raise the first worker error."""
-        while len(self._inflight) > self._limit:
-            await self._inflight.popleft()
-        while self._inflight and self._inflight[0].done():
-            self._inflight.popleft().result()
+        await _drain(self._inflight, self._limit)
+        await _drain(self._hashing, _HASH_BACKLOG)
 
     def _submit(self, f: _OpenFile) -> None:
-        data, f.buffer = f.buffer, bytearray()
-        future = self._pool.submit(self._store_chunk, memoryview(data))
+        # The one copy of the data on the loop: the pieces are views of the COPY messages.
+        data = f.pieces[0].tobytes() if len(f.pieces) == 1 else b"".join(f.pieces)
+        f.pieces, f.gathered = [], 0
+        future = self._pool.submit(self._store_chunk, data)
         f.chunks.append(future)
-        self._inflight.append(asyncio.wrap_future(future))
+        self._inflight.append(future)
+        self._hashing.append(self._hasher.submit(f.hasher.update, data))
 
     # -- workers --------------------------------------------------------------------------------
 
-    def _store_chunk(self, data: memoryview) -> str:
+    def _store_chunk(self, data: bytes) -> str:
         chunk_id = self.store.chunk_id(data)
         with self._lock:
             if chunk_id in self._seen:
@@ -157,8 +173,8 @@ class Chunker:
         Raises:
             Exception: the first error of a worker (e.g. ``Retryable`` for a full volume).
         """
-        while self._inflight:
-            await self._inflight.popleft()
+        await _drain(self._inflight, 0)
+        await _drain(self._hashing, 0)
         entries = []
         for member, digest, futures in self._files:
             entries.append(
@@ -169,7 +185,7 @@ class Chunker:
                     mode=member.mode,
                     mtime=member.mtime,
                     chunks=[f.result() for f in futures],
-                    sha256=digest,
+                    sha256=digest.result() if digest is not None else "",
                     link_target=member.link_target,
                 )
             )
@@ -181,12 +197,20 @@ class Chunker:
         if self._closed:
             return
         self._closed = True
-        await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
-        for fut in self._inflight:
-            if fut.done() and not fut.cancelled():
-                fut.exception()  # retrieved: the backup already failed with the first error
-            fut.cancel()
+        for pool in (self._pool, self._hasher):
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
         self._inflight.clear()
+        self._hashing.clear()
+
+
+async def _drain(pending: deque[Future[_T]], limit: int) -> None:
+    """Pop finished futures off the front (raising the first error) and wait for the oldest
+    until at most ``limit`` remain; only a wait wraps a future for the event loop."""
+    while pending and (len(pending) > limit or pending[0].done()):
+        future = pending.popleft()
+        if not future.done():
+            await asyncio.wrap_future(future)
+        future.result()
 
 
 def manifest_member(size: int) -> Member:
