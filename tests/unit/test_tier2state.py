@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from klio_common.storage.tier2state import JOURNAL, UNKNOWN_SHA256, Tier2Entry, Tier2State
+from klio_common.storage.tier2state import (
+    JOURNAL,
+    TOMBSTONES,
+    UNKNOWN_SHA256,
+    Tier2Entry,
+    Tier2State,
+)
 
 A = Tier2Entry("wal/0000000100000000/000000010000000000000001", "a" * 64, 100)
 B = Tier2Entry("chunks/ab/" + "ab" + "cd" * 31, "b" * 64, 200)
@@ -54,3 +60,20 @@ def test_garbage_lines_and_unjournalable_paths(tmp_path: Path) -> None:
     assert state.load() == 1 and A.path in state
     with pytest.raises(ValueError):
         Tier2Entry("a\tb", "-", 1).line()
+
+
+def test_objects_retention_deleted_are_no_longer_trusted(tmp_path: Path) -> None:
+    state = Tier2State(tmp_path)
+    state.load()
+    state.record([A, B])
+    tombstones = tmp_path / TOMBSTONES
+    tombstones.write_bytes(B.line())  # retention deleted B from the bucket
+    assert A.path in state and B.path not in state and state.get(B.path) is None
+    state.record([B])  # the relay uploaded it again for a new backup
+    assert B.path in state  # an old tombstone does not hide the new upload
+    with tombstones.open("ab") as f:
+        f.write(A.line()[:-3])  # a torn tombstone is not applied until complete
+    assert A.path in state
+    again = Tier2State(tmp_path)
+    # after a restart tombstones win over journal lines (conservative: B is checked again)
+    assert again.load() == 1 and A.path in again and B.path not in again

@@ -23,14 +23,16 @@ from klio_common.events import RetentionBackupExpired, RetentionWalPruned, now
 from klio_common.events.base import SYSTEM_ID_UNKNOWN
 from klio_common.events.codec import event_id_for
 from klio_common.storage.layout import chunk_path, manifest_path, wal_path
-from klio_common.storage.tier2state import UNKNOWN_SHA256, Tier2Entry
+from klio_common.storage.tier2state import (
+    TOMBSTONES,
+    UNKNOWN_SHA256,
+    Tier2Entry,
+)
 from klio_retention.cluster import ClusterSetup, Outcome, fault_point, run_lock
 from klio_retention.planner import DeletionPlan, plan
 from klio_retention.snapshot import ASIDE, Snapshot, WalEntry, tier1_snapshot
 
 log = logging.getLogger("klio.retention")
-TOMBSTONES = "tier2/deleted"
-"""Objects retention deleted from the bucket (journal lines), for the relay not to trust them."""
 _LEASE_RECHECK = 256
 LEFTOVER_AGE = 60.0
 """A backup directory without manifest or lease is a crash's leftover only when at least this old

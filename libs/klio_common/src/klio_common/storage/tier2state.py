@@ -21,6 +21,8 @@ from klio_common.errors import Retryable
 
 JOURNAL = "tier2/journal"
 """The journal, relative to the cluster's Tier-1 directory."""
+TOMBSTONES = "tier2/deleted"
+"""Objects retention deleted from the bucket (journal lines): no longer trusted as present."""
 UNKNOWN_SHA256 = "-"
 
 _SHA256 = re.compile(r"[0-9a-f]{64}|-")
@@ -67,6 +69,8 @@ class Tier2State:
 
     def __init__(self, cluster_dir: Path, *, file_mode: int = 0o640, dir_mode: int = 0o750) -> None:
         self.path = Path(cluster_dir) / JOURNAL
+        self.tombstones = Path(cluster_dir) / TOMBSTONES
+        self._tomb_seen = 0  # bytes of the tombstone file already applied
         self._file_mode = file_mode
         self._dir_mode = dir_mode
         self._entries: dict[str, Tier2Entry] = {}
@@ -95,11 +99,38 @@ class Tier2State:
                 entries[entry.path] = entry
         with self._lock:
             self._entries = entries
+            self._tomb_seen = 0
             # The next append starts on a fresh line, so it cannot merge with a torn one.
             self._torn_tail = bool(data) and not data.endswith(b"\n")
-        return len(entries)
+        self._apply_tombstones()
+        return len(self._entries)
+
+    def _apply_tombstones(self) -> None:
+        """Forget objects retention deleted from the bucket since we last looked.
+
+        Retention appends each path it deletes from Tier 2 to ``tier2/deleted`` before deleting it;
+        an object that comes back (a chunk shared by a new backup) must be uploaded again, not
+        skipped on the strength of an old journal line.
+        """
+        try:
+            size = self.tombstones.stat().st_size
+        except FileNotFoundError:
+            return
+        if size <= self._tomb_seen:
+            return
+        with self.tombstones.open("rb") as f:
+            f.seek(self._tomb_seen)
+            data = f.read(size - self._tomb_seen)
+        complete = data[: data.rfind(b"\n") + 1]
+        with self._lock:
+            for line in complete.split(b"\n"):
+                entry = _parse(line)
+                if entry is not None:
+                    self._entries.pop(entry.path, None)
+            self._tomb_seen += len(complete)
 
     def __contains__(self, path: object) -> bool:
+        self._apply_tombstones()
         return path in self._entries
 
     def __len__(self) -> int:
@@ -110,6 +141,7 @@ class Tier2State:
 
     def get(self, path: str) -> Tier2Entry | None:
         """The entry of ``path``, or None when it is not known to be on Tier 2."""
+        self._apply_tombstones()
         return self._entries.get(path)
 
     def record(self, entries: Iterable[Tier2Entry]) -> None:
