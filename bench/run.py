@@ -13,10 +13,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import backup, replay, report, sync_standby, wal_ingest, wal_restore_cost
+from bench import (
+    backup,
+    relay_lag,
+    relay_throughput,
+    replay,
+    report,
+    sync_standby,
+    wal_ingest,
+    wal_restore_cost,
+)
 from bench.lab import Lab, say
 
 BENCHMARKS = ("wal_ingest", "sync_standby", "wal_restore_cost", "backup", "replay")
+RELAY = {"relay_throughput": relay_throughput, "relay_lag": relay_lag}
+"""Tier-2 benchmarks (summarized and rendered by their modules): in a full run and with --only."""
 RESULTS = Path(__file__).resolve().parent / "results"
 GB = 1_000_000_000
 
@@ -24,7 +35,7 @@ GB = 1_000_000_000
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse the command line (``--quick`` shrinks every size for a smoke run)."""
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    parser.add_argument("--only", choices=BENCHMARKS, help="run one benchmark")
+    parser.add_argument("--only", choices=(*BENCHMARKS, *RELAY), help="run one benchmark")
     parser.add_argument("--runs", type=int, help="runs per variant (default 3; --quick: 1)")
     parser.add_argument("--wal-gb", type=float, help="WAL to ingest (default 1.0; --quick: 0.05)")
     parser.add_argument("--cluster-gb", type=float, help="backup: cluster size (1.2; quick 0.03)")
@@ -87,15 +98,41 @@ def run_benchmarks(lab: Lab, names: Sequence[str], args: argparse.Namespace) -> 
             raw[name] = backup.run(lab, runs=args.runs, cluster_bytes=size)
         elif name == "replay":
             raw[name] = replay.run(lab, runs=args.runs, wal_bytes=int(args.wal_gb * GB))
-        else:
+        elif name == "wal_restore_cost":
             raw[name] = wal_restore_cost.run(lab, segments=5 if args.quick else 30)
+        elif name == "relay_throughput":
+            size = int((0.1 if args.quick else 1.1) * GB)
+            raw[name] = relay_throughput.run(lab, runs=args.runs, total_bytes=size)
+        else:
+            seconds, scale = (10, 2) if args.quick else (60, 50)
+            raw[name] = relay_lag.run(lab, seconds=seconds, scale=scale)
     return raw
+
+
+def summarize(raw: dict[str, Any]) -> dict[str, Any]:
+    """Every benchmark's summary, in the order they ran."""
+    return {
+        name: RELAY[name].summarize(data) if name in RELAY else report.summarize({name: data})[name]
+        for name, data in raw.items()
+    }
+
+
+def render(doc: dict[str, Any]) -> str:
+    """The Markdown report: the WAL benchmarks' (bench.report), then the relay's."""
+    wal = {**doc, "summary": {k: v for k, v in doc["summary"].items() if k not in RELAY}}
+    lines = [report.render(wal)]
+    for name, summary in doc["summary"].items():
+        if name in RELAY:
+            lines += ["", *RELAY[name].render(summary, doc["raw"][name])]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmarks, write ``results/<time>.json`` and print the Markdown report."""
     args = parse_args(argv)
     names = [args.only] if args.only else list(BENCHMARKS)
+    if not args.only and not args.quick:
+        names += list(RELAY)
     started = datetime.datetime.now(datetime.UTC)
     slots = len(wal_ingest.RECEIVERS) * args.runs if "wal_ingest" in names else 2
     with Lab(quick=args.quick, slots=slots, keep=args.keep) as lab:
@@ -113,12 +150,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "quick": args.quick,
         },
         "raw": raw,
-        "summary": report.summarize(raw),
+        "summary": summarize(raw),
     }
     args.results.mkdir(parents=True, exist_ok=True)
     path = args.results / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
     path.write_text(json.dumps(doc, indent=2) + "\n")
-    print(report.render(doc))
+    print(render(doc))
     print(f"\nresults: {path}")
     return 0
 
