@@ -304,8 +304,9 @@ def _archive(config: str | None, cluster: str | None) -> tuple[Callable[[str], b
     from klio_restore.context import load_settings, open_cluster
 
     ctx = open_cluster(load_settings(Path(config) if config else None, os.environ), cluster)
-    chain = walfetch.sources(ctx.archive, ctx.keyring)
-    seg_size = ctx.archive.segment_size()
+    # the same sources as the foreground wal-restore: Tier 1, then the bucket when configured
+    chain = walfetch.sources(ctx.tier1, ctx.keyring, ctx.bucket_wal if ctx.has_tier2 else None)
+    seg_size = ctx.wal.segment_size()
     return lambda name: walfetch.lookup(name, chain), seg_size
 
 

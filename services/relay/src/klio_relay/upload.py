@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -23,7 +24,6 @@ from klio_common.storage.s3 import (
     S3Store,
     composite_checksum,
     part_size_for,
-    sha256_checksum,
 )
 from klio_common.storage.tier2state import Tier2Entry
 from klio_relay.dedupe import META_KIND, META_PLAINTEXT_SHA256, Action, Local, Remote, decide
@@ -184,13 +184,14 @@ class Uploader:
 
     def _local(self, data: bytes, header: ObjectHeader | None) -> Local:
         size = len(data)
+        digest = hashlib.sha256(data).digest()  # once: it is both the journal's and S3's checksum
         if size > self.multipart_threshold:
             checksum = composite_checksum(data, part_size_for(size, self.multipart_threshold))
         else:
-            checksum = sha256_checksum(data)
+            checksum = base64.b64encode(digest).decode()
         return Local(
             size=size,
-            sha256=hashlib.sha256(data).hexdigest(),
+            sha256=digest.hex(),
             checksum=checksum,
             plaintext_sha256=header.plaintext_sha256 if header else None,
         )
@@ -206,7 +207,7 @@ class Uploader:
             info = await self.store.head(key)
         for _ in range(3):  # the key may be deleted between a refused PUT and our HEAD
             if info is None:
-                uploaded = await self._put(key, data, header, path)
+                uploaded = await self._put(key, data, header, path, local.checksum)
                 info = await self.store.head(key)
                 if info is None:
                     continue
@@ -241,7 +242,9 @@ class Uploader:
             log.debug("%s already in the bucket", key)
         return Relayed(Tier2Entry(path, local.sha256, local.size), key, uploaded, header)
 
-    async def _put(self, key: str, data: bytes, header: ObjectHeader | None, path: str) -> bool:
+    async def _put(
+        self, key: str, data: bytes, header: ObjectHeader | None, path: str, checksum: str
+    ) -> bool:
         kind = kind_of(path)
         metadata = {META_KIND: kind.value if kind else "unknown"}
         if header is not None and header.plaintext_sha256:
@@ -251,4 +254,4 @@ class Uploader:
             return await self.store.put_multipart_if_absent(
                 key, data, part_size=part, metadata=metadata
             )
-        return await self.store.put_if_absent(key, data, metadata=metadata)
+        return await self.store.put_if_absent(key, data, metadata=metadata, checksum=checksum)

@@ -228,11 +228,17 @@ class S3Store:
             raise self._client_error(exc, f"listing bucket '{self.bucket}'") from exc
 
     async def put_if_absent(
-        self, key: str, data: bytes, *, metadata: Mapping[str, str] | None = None
+        self,
+        key: str,
+        data: bytes,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        checksum: str | None = None,
     ) -> bool:
         """Store ``data`` under ``key`` unless something is there (``If-None-Match: *``).
 
-        The body carries its SHA-256 (``x-amz-checksum-sha256``), which S3 checks and stores.
+        The body carries its SHA-256 (``x-amz-checksum-sha256``), which S3 checks and stores;
+        pass ``checksum`` (base64) when the caller has already computed it.
 
         Returns:
             True when stored; False when the key already exists (nothing was changed).
@@ -249,7 +255,7 @@ class S3Store:
                 Body=data,
                 IfNoneMatch="*",
                 ChecksumAlgorithm="SHA256",
-                ChecksumSHA256=sha256_checksum(data),
+                ChecksumSHA256=checksum or sha256_checksum(data),
                 Metadata=dict(metadata or {}),
             )
         except botocore.exceptions.ClientError as exc:
