@@ -19,6 +19,7 @@ from bench import (
     relay_throughput,
     replay,
     report,
+    retention_plan,
     sync_standby,
     wal_ingest,
     wal_restore_cost,
@@ -26,6 +27,7 @@ from bench import (
 from bench.lab import Lab, say
 
 BENCHMARKS = ("wal_ingest", "sync_standby", "wal_restore_cost", "backup", "replay")
+STANDALONE = ("retention_plan",)  # no lab: only with --only
 RELAY = {"relay_throughput": relay_throughput, "relay_lag": relay_lag}
 """Tier-2 benchmarks (summarized and rendered by their modules): in a full run and with --only."""
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -35,7 +37,9 @@ GB = 1_000_000_000
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse the command line (``--quick`` shrinks every size for a smoke run)."""
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    parser.add_argument("--only", choices=(*BENCHMARKS, *RELAY), help="run one benchmark")
+    parser.add_argument(
+        "--only", choices=(*BENCHMARKS, *STANDALONE, *RELAY), help="run one benchmark"
+    )
     parser.add_argument("--runs", type=int, help="runs per variant (default 3; --quick: 1)")
     parser.add_argument("--wal-gb", type=float, help="WAL to ingest (default 1.0; --quick: 0.05)")
     parser.add_argument("--cluster-gb", type=float, help="backup: cluster size (1.2; quick 0.03)")
@@ -130,6 +134,8 @@ def render(doc: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmarks, write ``results/<time>.json`` and print the Markdown report."""
     args = parse_args(argv)
+    if args.only == "retention_plan":
+        return retention_plan.main(args.results, runs=args.runs, quick=args.quick)
     names = [args.only] if args.only else list(BENCHMARKS)
     if not args.only and not args.quick:
         names += list(RELAY)
