@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import secrets
-import shutil
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -94,24 +93,6 @@ def bucket_sizes(s3: S3Server, prefix: str = "main/") -> dict[str, int]:
         for item in page.get("Contents", []):
             found[item["Key"]] = item["Size"]
     return found
-
-
-def download_bucket(s3: S3Server, dest: Path, cluster: str = "main") -> Path:
-    """Copy the cluster's objects into ``dest/<cluster>/`` (the bucket mirrors Tier 1).
-
-    ``dest`` becomes a Tier-1 root the read path can restore from: root:postgres, setgid.
-    """
-    client = s3.client()
-    dest.mkdir(mode=0o2750)
-    if os.geteuid() == 0:
-        shutil.chown(dest, "root", "postgres")
-    dest.chmod(0o2750)
-    for key in bucket_sizes(s3, f"{cluster}/"):
-        target = dest / key
-        fsio.ensure_dir(target.parent, 0o750)
-        target.write_bytes(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
-        target.chmod(0o640)
-    return dest
 
 
 def synthetic_cluster(

@@ -3,6 +3,7 @@ said, opens no WAL gap, and every tier still restores to a point inside its wind
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,8 @@ from tests.basebackup.helpers import basebackup_inprocess, catalog_of, events
 from tests.fixtures.paths import KlioConfigWriter
 from tests.relay.helpers import relay_inprocess
 from tests.restore.helpers import backup_now, klio, output_of, restore_server, wait_ready
-from tests.retention.helpers import (
-    backdate,
-    bucket_sizes,
-    download_bucket,
-    retention,
-    tier1_bytes,
-)
+from tests.retention.helpers import backdate, bucket_sizes, retention, tier1_bytes
+from tests.tier2.helpers import dr_config
 from tests.wal_receiver.helpers import archive_of, load, receiver_inprocess, wait_closed
 
 pytestmark = pytest.mark.integration
@@ -35,13 +31,17 @@ def _marker(pg: PostgresServer, row: int, tli: int) -> str:
     return str(pg.sql("SELECT pg_current_wal_insert_lsn()::text")[0][0])
 
 
-def _restore_and_count(workdir: Path, config: Path, name: str, *args: str) -> list[tuple[int, int]]:
+def _restore_and_count(
+    workdir: Path, config: Path, name: str, *args: str
+) -> tuple[list[tuple[int, int]], str, str]:
+    """Restore, recover and promote; the marker rows, the backup used and the server's log."""
     restored = restore_server(workdir, config, name, *args)
     server = restored.server
     try:
         server.start()
         wait_until(lambda: server.sql("SELECT NOT pg_is_in_recovery()")[0][0], 120, name)
-        return [(r[0], r[1]) for r in server.sql("SELECT id, tli FROM marker ORDER BY id")]
+        rows = [(r[0], r[1]) for r in server.sql("SELECT id, tli FROM marker ORDER BY id")]
+        return rows, restored.summary["backup_id"], server.log_path.read_text()
     finally:
         try:
             server.stop("immediate")
@@ -156,15 +156,20 @@ def test_each_tier_expires_its_own_and_still_restores_across_the_failover(
     assert "gap" not in verify.stdout.lower() or "no gap" in verify.stdout.lower()
 
     # Tier 1: from its oldest kept backup (timeline 1) across the switch to a point on timeline 2.
-    rows = _restore_and_count(workdir, config2, "t1", "--backup", ids[2], "--target-lsn", target)
-    assert rows == [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 2)]
-    # Tier 2: the bucket alone, from a backup Tier 1 no longer has.
-    root = download_bucket(s3_server, workdir / "bucket-copy")
-    config3 = klio_config(
-        tier1=root,
-        keys=keyring_files,
-        extra={"clusters": [{"name": "main", "conninfo": "host=/nonexistent"}]},
-        path=workdir / "klio3.yaml",
+    rows, used, _ = _restore_and_count(
+        workdir, config2, "t1", "--backup", ids[2], "--target-lsn", target
     )
-    rows = _restore_and_count(workdir, config3, "t2", "--backup", ids[1], "--target-lsn", target)
     assert rows == [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 2)]
+    assert used == ids[2]
+    # Tier 2: a backup Tier 1 no longer has, from a configuration naming only the bucket, so
+    # both the base backup and every WAL file (the history file too) come from Tier 2.
+    assert not (tier1_dir / "main" / manifest_path(ids[1])).exists()
+    bucket_only = dr_config(klio_config, workdir, standby, s3_server, keyring_files)
+    rows, used, log = _restore_and_count(
+        workdir, bucket_only, "t2", "--tier", "2", "--backup", ids[1], "--target-lsn", target
+    )
+    assert rows == [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 2)]
+    assert used == ids[1]
+    fetched = set(re.findall(r"([0-9A-F]{8})[0-9A-F]{16} restored from Tier 2", log))
+    assert fetched == {"00000001", "00000002"}, log[-3000:]
+    assert "00000002.history restored from Tier 2" in log, log[-3000:]
