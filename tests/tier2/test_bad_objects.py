@@ -56,7 +56,7 @@ def test_bad_objects_are_named_and_wal_restore_falls_back(
     good = archive.read(name, keyring_of(settings))
     flip_byte(archive.segment_path(name))
     dest = postgres_dir(workdir / "pg_wal") / "RECOVERYXLOG"
-    done = wal_restore(config, name, dest, as_postgres=True)
+    done = wal_restore(config, name, dest, as_postgres=True, prefetch=0)
     stderr = done.stderr.decode()
     assert done.returncode == 0, stderr
     assert hashlib.sha256(dest.read_bytes()).digest() == hashlib.sha256(good).digest()
@@ -64,18 +64,18 @@ def test_bad_objects_are_named_and_wal_restore_falls_back(
     # A segment Tier 1 lacks comes from the bucket too; one neither tier has is "missing" (1).
     first = segments[0].name
     archive.segment_path(first).unlink()
-    done = wal_restore(config, first, dest, as_postgres=True)
+    done = wal_restore(config, first, dest, as_postgres=True, prefetch=0)
     assert done.returncode == 0 and "restored from Tier 2" in done.stderr.decode()
-    done = wal_restore(config, "00000001000000FF000000FF", dest, as_postgres=True)
+    done = wal_restore(config, "00000001000000FF000000FF", dest, as_postgres=True, prefetch=0)
     assert done.returncode == 1, done.stderr.decode()
     # Corrupt in the bucket as well: recovery must stop (150), naming the object.
     key = f"main/{wal_path(name)}"
     overwrite(s3_server, key, flipped(bucket_bytes(s3_server, key)))
-    done = wal_restore(config, name, dest, as_postgres=True)
+    done = wal_restore(config, name, dest, as_postgres=True, prefetch=0)
     assert done.returncode == 150 and key in done.stderr.decode(), done.stderr.decode()
     # An unreachable bucket is never "end of archive" (which would promote too early).
     s3_server.stop()
-    done = wal_restore(config, "00000001000000FF000000FF", dest, as_postgres=True)
+    done = wal_restore(config, "00000001000000FF000000FF", dest, as_postgres=True, prefetch=0)
     assert done.returncode == 150 and "unreachable" in done.stderr.decode(), done.stderr
 
 

@@ -158,10 +158,11 @@ def wait_segment(
 
 
 def wal_restore(
-    config: Path, name: str, dest: Path, *, as_postgres: bool = False
+    config: Path, name: str, dest: Path, *, as_postgres: bool = False, prefetch: int | None = None
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run ``klio wal-restore`` as PostgreSQL would."""
-    argv = [str(KLIO), "--config", str(config), "wal-restore", name, str(dest)]
+    """Run ``klio wal-restore`` as PostgreSQL would (``prefetch=0``: no prefetch spool)."""
+    options = [] if prefetch is None else ["--prefetch", str(prefetch)]
+    argv = [str(KLIO), "--config", str(config), "wal-restore", *options, name, str(dest)]
     if as_postgres and os.geteuid() == 0:
         argv = ["runuser", "-u", "postgres", "--", *argv]
     return subprocess.run(argv, capture_output=True, timeout=60, check=False)

@@ -9,7 +9,7 @@ import os
 import shutil
 import socket
 import time
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from croniter import croniter
@@ -69,7 +69,7 @@ class ClusterRunner:
     def start(self, request_ids: list[str | None]) -> BackupJob:
         """Start a backup now for ``request_ids`` (the caller checked that none runs)."""
         self.reconcile()
-        when = datetime.now().astimezone()
+        when = datetime.now(UTC)  # ids end in Z: they are UTC whatever the host's zone
         backup_id = new_backup_id(when)
         # Ids have one-second resolution: never reuse a directory, committed or not.
         while self.ctx.catalog.backup_dir(backup_id).exists():

@@ -223,8 +223,7 @@ class Uploader:
                     # Our own upload does not read back as sent: corrupted on the way or
                     # replaced at once. Retrying settles which (a later PUT is refused).
                     raise Retryable(f"upload of {key} did not verify: {decision.reason}")
-                self.metrics.conflicts.inc()
-                raise ConflictError(
+                raise ConflictError(  # counted once, where the failure is reported
                     f"object {key} in bucket '{self.store.bucket}' differs from {path} on "
                     f"Tier 1: {decision.reason}",
                     hint="the bucket copy was not overwritten; find out who wrote it (another "

@@ -95,7 +95,7 @@ class Lease(msgspec.Struct, frozen=True, kw_only=True):
 
 def new_backup_id(now: datetime | None = None) -> str:
     """A sortable id from the start time: ``20261124T213800Z``."""
-    return (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+    return (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
 class BackupCatalog:
