@@ -6,6 +6,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from klio_basebackup.service import build_runners
+from klio_basebackup.state import BackupMetrics
 from klio_common.pg.lsn import Lsn
 from klio_common.pg.walname import WalSegment
 from klio_common.runtime.settings import Settings
@@ -98,6 +100,13 @@ def test_backup_with_tablespace_commits_verifies_and_dedupes(
     assert 'klio_backup_last_success_timestamp{cluster="main"}' in text
     assert not catalog.leases()
     assert not (catalog.backup_dir(first_id) / "progress.json").exists()
+    # A restarted service reports the newest backup from the catalog, not nothing.
+    restarted = BackupMetrics()
+    restarted.last_success.labels("main").set(0)
+    restarted.chunks_new.labels("main").set(-1)
+    build_runners(settings, restarted)
+    assert restarted.last_success.labels("main")._value.get() == second.end_time.timestamp()
+    assert restarted.chunks_new.labels("main")._value.get() == second.chunks_new
     wait_until(
         lambda: not list((tier1_dir / "main" / "outbox" / "basebackup").iterdir()),
         10,

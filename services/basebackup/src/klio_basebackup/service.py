@@ -17,7 +17,7 @@ from klio_common.catalog.backups import BackupCatalog
 from klio_common.catalog.chunks import ChunkStore
 from klio_common.catalog.wal import WalArchive
 from klio_common.crypto import KeyRing
-from klio_common.errors import ConfigError, NotFound, Retryable
+from klio_common.errors import ConfigError, KlioError, NotFound, Retryable
 from klio_common.events import BackupRequested, Event, subjects
 from klio_common.runtime.buskeeper import BusKeeper
 from klio_common.runtime.health import Health
@@ -61,7 +61,24 @@ def build_runners(settings: Settings, metrics: BackupMetrics) -> dict[str, Clust
             dir_mode=dm,
         )
         runners[cluster.name] = ClusterRunner(ctx)
+        _restore_metrics(ctx)
     return runners
+
+
+def _restore_metrics(ctx: ClusterContext) -> None:
+    """Set the last-success metrics from the catalog, so a restart does not silence an alert on
+    the age of the newest backup until the next backup."""
+    try:
+        manifests = ctx.catalog.manifests()  # ordered by end time
+        newest = manifests[-1] if manifests else None
+    except (KlioError, OSError) as exc:
+        log.warning("cluster %s: cannot read the backup catalog: %s", ctx.name, exc)
+        return
+    if newest is None:
+        return
+    ctx.metrics.last_success.labels(ctx.name).set(newest.end_time.timestamp())
+    ctx.metrics.duration.labels(ctx.name).set((newest.end_time - newest.start_time).total_seconds())
+    ctx.metrics.chunks_new.labels(ctx.name).set(newest.chunks_new)
 
 
 def request_handler(runners: dict[str, ClusterRunner]) -> Callable[[Event, Msg], object]:
