@@ -92,3 +92,41 @@ class ServiceProcess:
         self.proc.send_signal(signal.SIGCONT)
         self.proc.terminate()
         return self.proc.wait(60)
+
+
+def stream_events(nats_url: str, subject: str, *, idle: float = 1.0) -> list[dict[str, Any]]:
+    """Every event stored in the KLIO stream on ``subject`` (a filter), oldest first, as JSON.
+
+    Reads until nothing arrives for ``idle`` seconds; an absent stream means no events yet.
+    """
+    import msgspec
+    import nats
+    from nats.js.api import ConsumerConfig, DeliverPolicy
+    from nats.js.errors import NotFoundError
+
+    async def read() -> list[dict[str, Any]]:
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            try:
+                await js.stream_info("KLIO")
+            except NotFoundError:
+                return []
+            sub = await js.subscribe(
+                subject,
+                ordered_consumer=True,
+                config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+            )
+            found: list[dict[str, Any]] = []
+            try:
+                while True:
+                    msg = await sub.next_msg(timeout=idle)
+                    found.append(msgspec.json.decode(msg.data))
+            except TimeoutError:
+                return found
+            finally:
+                await sub.unsubscribe()
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())

@@ -10,8 +10,6 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 from klio_common.catalog.backups import BackupCatalog, BackupManifest
 from klio_common.catalog.chunks import ChunkStore
 from klio_common.compression import get as get_codec
@@ -21,7 +19,7 @@ from klio_common.runtime.bus import Bus
 from klio_common.runtime.settings import Settings
 from klio_dev import PG_BIN
 from klio_dev.waiting import wait_until
-from tests.services import ServiceProcess, service_inprocess
+from tests.services import ServiceProcess, service_inprocess, stream_events
 from tests.wal_receiver.helpers import keyring_of
 
 SERVICE = "basebackup"
@@ -81,36 +79,7 @@ def request_backup(settings: Settings, *request_ids: str, cluster: str = "main")
 
 def events(nats_url: str, subject: str) -> list[dict[str, Any]]:
     """Every event stored in the stream on ``subject`` (a filter), oldest first, as JSON."""
-    import nats
-    from nats.js.api import ConsumerConfig, DeliverPolicy
-    from nats.js.errors import NotFoundError
-
-    async def read() -> list[dict[str, Any]]:
-        nc = await nats.connect(nats_url)
-        try:
-            js = nc.jetstream()
-            try:
-                await js.stream_info("KLIO")
-            except NotFoundError:
-                return []
-            sub = await js.subscribe(
-                subject,
-                ordered_consumer=True,
-                config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-            )
-            found: list[dict[str, Any]] = []
-            try:
-                while True:
-                    msg = await sub.next_msg(timeout=0.5)
-                    found.append(msgspec.json.decode(msg.data))
-            except TimeoutError:
-                return found
-            finally:
-                await sub.unsubscribe()
-        finally:
-            await nc.close()
-
-    return asyncio.run(read())
+    return stream_events(nats_url, subject, idle=0.5)
 
 
 def wait_event(

@@ -10,7 +10,6 @@ import urllib.request
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
@@ -26,6 +25,7 @@ from klio_common.storage.layout import kind_of
 from klio_dev import S3Server
 from klio_dev.waiting import wait_until
 from tests.services import ServiceProcess, service_inprocess
+from tests.services import stream_events as stream_events
 
 VENV_BIN = Path(sys.executable).parent
 CHUNK = 128 * 1024
@@ -113,40 +113,6 @@ def wait_in_bucket(s3: S3Server, keys: set[str], timeout: float = 120, prefix: s
 
 
 # -- events and metrics ------------------------------------------------------------------------
-
-
-def stream_events(nats_url: str, subject: str) -> list[dict[str, Any]]:
-    """Every event stored in the stream on ``subject`` (oldest first)."""
-    import nats
-    from nats.js.api import ConsumerConfig, DeliverPolicy
-    from nats.js.errors import NotFoundError
-
-    async def read() -> list[dict[str, Any]]:
-        nc = await nats.connect(nats_url)
-        try:
-            js = nc.jetstream()
-            try:
-                await js.stream_info("KLIO")
-            except NotFoundError:
-                return []
-            sub = await js.subscribe(
-                subject,
-                ordered_consumer=True,
-                config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-            )
-            found: list[dict[str, Any]] = []
-            try:
-                while True:
-                    msg = await sub.next_msg(timeout=1)
-                    found.append(msgspec.json.decode(msg.data))
-            except TimeoutError:
-                return found
-            finally:
-                await sub.unsubscribe()
-        finally:
-            await nc.close()
-
-    return asyncio.run(read())
 
 
 def publish(nats_url: str, subject: str, payload: bytes, msg_id: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from klio_common.objects import read_partial
 from klio_common.pg.lsn import Lsn
 from klio_common.runtime.settings import Settings
 from klio_dev.waiting import wait_until
-from tests.services import ServiceProcess, service_inprocess
+from tests.services import ServiceProcess, service_inprocess, stream_events
 
 VENV_BIN = Path(sys.executable).parent
 KLIO = VENV_BIN / "klio"
@@ -201,37 +200,7 @@ def restored_server(
 
 def announced(nats_url: str, subject: str) -> list[str]:
     """The ``segment`` of every event stored in the stream on ``subject`` (oldest first)."""
-    import msgspec
-    import nats
-    from nats.js.api import ConsumerConfig, DeliverPolicy
-    from nats.js.errors import NotFoundError
-
-    async def read() -> list[str]:
-        nc = await nats.connect(nats_url)
-        try:
-            js = nc.jetstream()
-            try:
-                await js.stream_info("KLIO")
-            except NotFoundError:
-                return []  # the publisher has not created the stream yet
-            sub = await js.subscribe(
-                subject,
-                ordered_consumer=True,
-                config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-            )
-            found: list[str] = []
-            try:
-                while True:
-                    msg = await sub.next_msg(timeout=1)
-                    found.append(msgspec.json.decode(msg.data)["segment"])
-            except TimeoutError:
-                return found
-            finally:
-                await sub.unsubscribe()
-        finally:
-            await nc.close()
-
-    return asyncio.run(read())
+    return [e["segment"] for e in stream_events(nats_url, subject)]
 
 
 def postgres_dir(path: Path) -> Path:

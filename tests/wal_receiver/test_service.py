@@ -9,6 +9,7 @@ from typing import Any
 from klio_common.pg.lsn import Lsn
 from klio_dev.ports import free_port
 from klio_dev.waiting import wait_until
+from tests.services import stream_events
 from tests.wal_receiver.helpers import (
     archive_of,
     load,
@@ -99,27 +100,4 @@ def test_lost_wal_is_reported_as_a_gap(
 
 
 def _gap_events(nats_url: str) -> list[dict[str, Any]]:
-    import asyncio
-
-    import msgspec
-    import nats
-    from nats.js.api import ConsumerConfig, DeliverPolicy
-
-    async def read() -> list[dict[str, Any]]:
-        nc = await nats.connect(nats_url)
-        try:
-            sub = await nc.jetstream().subscribe(
-                "klio.main.wal.gap.detected",
-                ordered_consumer=True,
-                config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-            )
-            found = []
-            try:
-                while True:
-                    found.append(msgspec.json.decode((await sub.next_msg(timeout=1)).data))
-            except TimeoutError:
-                return found
-        finally:
-            await nc.close()
-
-    return asyncio.run(read())
+    return stream_events(nats_url, "klio.main.wal.gap.detected")

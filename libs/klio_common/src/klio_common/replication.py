@@ -181,13 +181,7 @@ class ReplicationConnection:
 
     async def _next_result(self) -> PGresult | None:
         while True:
-            try:
-                self.conn.consume_input()
-            except psycopg.OperationalError as exc:
-                raise Retryable(
-                    f"connection to {self.where} lost: {str(exc).strip()}",
-                    hint="retrying with backoff",
-                ) from exc
+            self.consume_input()
             if not self.conn.is_busy():
                 return self.conn.get_result()
             await _wait_fd(self.conn.socket, False, None)
@@ -234,11 +228,21 @@ class ReplicationConnection:
             StreamEnded: the server sent CopyDone; read what follows with `next_result`.
             Retryable: the connection broke.
         """
+        mv = self._copy_data("COPY stream")
+        return None if mv is None else (chr(mv[0]), mv[1:])
+
+    def _copy_data(self, what: str) -> memoryview | None:
+        """One buffered CopyData message, or None when nothing is buffered.
+
+        Raises:
+            StreamEnded: the server sent CopyDone.
+            Retryable: the connection broke.
+        """
         try:
             nbytes, buf = self.conn.get_copy_data(1)
         except psycopg.OperationalError as exc:
             raise Retryable(
-                f"COPY stream from {self.where} broke: {str(exc).strip()}",
+                f"{what} from {self.where} broke: {str(exc).strip()}",
                 hint="retrying with backoff",
             ) from exc
         if nbytes == 0:
@@ -247,11 +251,10 @@ class ReplicationConnection:
             raise StreamEnded(None, None)
         if nbytes < 0:
             raise Retryable(
-                f"COPY stream from {self.where} broke: "
+                f"{what} from {self.where} broke: "
                 f"{self.conn.error_message.decode(errors='replace').strip()}"
             )
-        mv = memoryview(buf)
-        return chr(mv[0]), mv[1:]
+        return memoryview(buf)
 
     def consume_input(self) -> None:
         """Read whatever the socket holds now, without waiting (then try `read_copy` again).
@@ -288,23 +291,9 @@ class ReplicationConnection:
         Raises:
             StreamEnded: the server sent CopyDone (caller must ``finish_copy``).
         """
-        try:
-            nbytes, buf = self.conn.get_copy_data(1)
-        except psycopg.OperationalError as exc:
-            raise Retryable(
-                f"replication stream from {self.where} broke: {str(exc).strip()}",
-                hint="retrying with backoff",
-            ) from exc
-        if nbytes == 0:
+        mv = self._copy_data("replication stream")
+        if mv is None:
             return None
-        if nbytes == -1:
-            raise StreamEnded(None, None)
-        if nbytes < 0:
-            raise Retryable(
-                f"replication stream from {self.where} broke: "
-                f"{self.conn.error_message.decode(errors='replace').strip()}"
-            )
-        mv = memoryview(buf)
         kind = mv[0]
         if kind == 0x77:  # 'w'
             start, wal_end, send_time = struct.unpack_from("!QQq", mv, 1)
@@ -322,13 +311,7 @@ class ReplicationConnection:
             await _wait_fd(self.conn.socket, False, timeout, interrupt)
         except TimeoutError:
             return
-        try:
-            self.conn.consume_input()
-        except psycopg.OperationalError as exc:
-            raise Retryable(
-                f"replication connection to {self.where} lost: {str(exc).strip()}",
-                hint="retrying with backoff",
-            ) from exc
+        self.consume_input()
 
     async def send_status(self, write: int, flush: int, reply: bool = False) -> None:
         """Send a standby status update ('r'): write/flush positions, apply unknown (0)."""
