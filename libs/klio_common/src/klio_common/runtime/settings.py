@@ -138,10 +138,27 @@ class CompressionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
 
     algorithm: Literal["zstd", "none"] = "zstd"
     level: int = 3
+    wal_level: int | None = None  # WAL segments; None: ``level``
+    backup_level: int | None = None  # backup chunks; None: ``level``
+
+    @property
+    def wal(self) -> int:
+        """The zstd level for WAL segments and history files."""
+        return self.level if self.wal_level is None else self.wal_level
+
+    @property
+    def backup(self) -> int:
+        """The zstd level for base-backup chunks and manifests."""
+        return self.level if self.backup_level is None else self.backup_level
 
     def _problems(self) -> Problems:
-        if not 1 <= self.level <= 22:
-            yield "level", f"expected 1 to 22, got {self.level}"
+        for key, value in (
+            ("level", self.level),
+            ("wal_level", self.wal_level),
+            ("backup_level", self.backup_level),
+        ):
+            if value is not None and not 1 <= value <= 22:
+                yield key, f"expected 1 to 22, got {value}"
 
 
 class BackupSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
