@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any, Self
 import psycopg
 
 from klio_common.pg.lsn import Lsn
+from klio_dev.osuser import PG_BIN, owned_by_postgres, run_as_postgres
 from klio_dev.ports import free_port
 from klio_dev.processes import (
     ServerError,
@@ -27,9 +27,8 @@ from klio_dev.processes import (
 )
 from klio_dev.waiting import scaled
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-OS_USER = "postgres"
 KLIO_ROLE = "klio"
+__all__ = ["KLIO_ROLE", "PG_BIN", "PostgresServer", "SettingValue", "run_as_postgres"]
 SettingValue = str | int | float | bool
 
 _CONF_FILE = "klio_test.conf"
@@ -40,53 +39,6 @@ host replication klio 127.0.0.1/32 scram-sha-256
 host all klio 127.0.0.1/32 scram-sha-256
 host replication postgres 127.0.0.1/32 trust
 """
-
-
-def run_as_postgres(
-    argv: Sequence[str], *, check: bool = True, input: str | None = None, timeout: float = 300
-) -> subprocess.CompletedProcess[str]:
-    """Run a command as the PostgreSQL OS user (``runuser`` when we are root).
-
-    Args:
-        argv: the command; a bare program name found in the PostgreSQL bin directory
-            (``pg_waldump``, ``pg_checksums``...) is run from there.
-        check: raise when the command fails.
-        input: text for the command's stdin.
-        timeout: seconds before the command is killed, scaled for slow machines.
-
-    Returns:
-        The finished process, with text stdout and stderr.
-
-    Raises:
-        ServerError: ``check`` is set and the command exited non-zero.
-    """
-    argv = list(argv)
-    if "/" not in argv[0] and (PG_BIN / argv[0]).exists():
-        argv[0] = str(PG_BIN / argv[0])
-    if os.geteuid() == 0:
-        argv = ["runuser", "-u", OS_USER, "--", *argv]
-    # A stray PGHOST or PGPASSWORD from the caller's shell must not redirect the harness.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    done = subprocess.run(
-        argv,
-        input=input,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd="/",
-        timeout=scaled(timeout),
-        check=False,
-    )
-    if check and done.returncode != 0:
-        output = (done.stderr or done.stdout).strip()
-        raise ServerError(f"{' '.join(argv)} failed with status {done.returncode}: {output}")
-    return done
-
-
-def _owned_by_postgres(path: Path, mode: int) -> None:
-    path.chmod(mode)
-    if os.geteuid() == 0:
-        shutil.chown(path, OS_USER, OS_USER)
 
 
 def _quote_conninfo(value: str) -> str:
@@ -153,7 +105,7 @@ class PostgresServer:
         if self.data_dir.exists():
             raise ServerError(f"{self.data_dir} already exists")
         self.root.mkdir(parents=True, exist_ok=True)
-        _owned_by_postgres(self.root, 0o755)
+        owned_by_postgres(self.root, 0o755)
 
     def init(self) -> Self:
         """Create the cluster (initdb), write its configuration and create the ``klio`` role.
@@ -204,9 +156,7 @@ class PostgresServer:
 
     def _write_file(self, path: Path, text: str) -> None:
         path.write_text(text)
-        path.chmod(0o600)
-        if os.geteuid() == 0:
-            shutil.chown(path, OS_USER, OS_USER)
+        owned_by_postgres(path, 0o600)
 
     def _write_config(self) -> None:
         values: dict[str, SettingValue] = {
@@ -449,20 +399,8 @@ class PostgresServer:
         standby = PostgresServer(self.root.parent, name=name, settings=self.settings)
         standby.password = self.password
         standby._prepare_root()
-        run_as_postgres(
-            [
-                "pg_basebackup",
-                "-D",
-                str(standby.data_dir),
-                "-R",
-                "-X",
-                "stream",
-                "-c",
-                "fast",
-                "--no-sync",
-                *self._client_args(),
-            ]
-        )
+        clone = ["pg_basebackup", "-D", str(standby.data_dir), "-R", "-X", "stream", "-c", "fast"]
+        run_as_postgres([*clone, "--no-sync", *self._client_args()])
         standby._write_config()
         standby._write_password_file()
         self.standbys.append(standby)
