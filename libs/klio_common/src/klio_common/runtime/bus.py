@@ -1,4 +1,4 @@
-"""The JetStream bus: connection, the stream, publishing, and the one place settling messages."""
+"""The JetStream bus: connection, the stream, publishing and consuming (settling: `settler`)."""
 
 from __future__ import annotations
 
@@ -7,42 +7,31 @@ import contextlib
 import logging
 import math
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from klio_common.errors import KlioError, Permanent, Retryable
-from klio_common.events import DeadLetter, Event, codec, now, subjects
-from klio_common.events.base import SYSTEM_ID_UNKNOWN
-from klio_common.runtime import metrics
+from klio_common.errors import Permanent, Retryable
+from klio_common.events import Event, codec, subjects
 from klio_common.runtime.settings import NatsSettings
+from klio_common.runtime.settler import NATS_ERRORS as _NATS_ERRORS
+from klio_common.runtime.settler import Handler, Settler
+from klio_common.runtime.settler import describe as _describe
 
 log = logging.getLogger(__name__)
+__all__ = ["DUPLICATE_WINDOW", "MAX_AGE", "Bus", "Handler"]
 
-Handler = Callable[[Event, Msg], Awaitable[None]]
-"""Handles one event; returning means done (ack), raising says how to settle the message."""
 
 DUPLICATE_WINDOW = 120.0
 MAX_AGE = 14 * 24 * 3600.0
 _FETCH_TIMEOUT = 2.0  # also how quickly a consumer notices the stop event
 _RETRY_PAUSE = 1.0
-_NATS_ERRORS = (nats.errors.Error, asyncio.TimeoutError, OSError)
 _CONNECT_HINT = "check that nats-server is running with JetStream (-js) and reachable at nats.url"
-
-_outcomes = metrics.counter(
-    "klio_bus_messages", "Messages consumed, by durable and outcome", ("durable", "outcome")
-)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).removeprefix("nats: ")
-    return text or type(exc).__name__
 
 
 def _tls_context(settings: NatsSettings) -> ssl.SSLContext | None:
@@ -298,7 +287,7 @@ class Bus:
                 f"cannot create the JetStream consumer {durable}: {_describe(exc)}",
                 hint=_CONNECT_HINT,
             ) from exc
-        settle = _Settler(self, durable, max_deliver, ack_wait, tuple(backoff) or (1.0,))
+        settle = Settler(self, durable, max_deliver, ack_wait, tuple(backoff) or (1.0,))
         failing: str | None = None
         try:
             while not stop.is_set():
@@ -330,113 +319,3 @@ class Bus:
 async def _pause(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
-
-
-class _Settler:
-    """Runs the handler and settles the message: ack, nak with delay, or term + dead letter."""
-
-    def __init__(
-        self, bus: Bus, durable: str, max_deliver: int, ack_wait: float, backoff: tuple[float, ...]
-    ) -> None:
-        self._bus = bus
-        self._durable = durable
-        self._max_deliver = max_deliver
-        self._ack_wait = ack_wait
-        self._backoff = backoff
-
-    async def __call__(self, msg: Msg, handler: Handler) -> None:
-        delivered = msg.metadata.num_delivered
-        try:
-            event = codec.decode(msg.data, subject=msg.subject)
-            if subjects.cluster_of(msg.subject) != event.cluster:
-                raise Permanent(f"event of cluster '{event.cluster}' arrived on {msg.subject}")
-        except (Permanent, ValueError) as exc:
-            await self._dead_letter(msg, exc, None)
-            return
-        keepalive = asyncio.create_task(self._keep_alive(msg))
-        try:
-            await handler(event, msg)
-        except Permanent as exc:
-            await self._dead_letter(msg, exc, event)
-            return
-        except Exception as exc:
-            if delivered >= self._max_deliver:
-                reason = f"gave up after {delivered} deliveries: {exc}"
-                await self._dead_letter(msg, Permanent(reason), event)
-                return
-            delay = self._backoff[min(delivered, len(self._backoff)) - 1]
-            if isinstance(exc, Retryable):
-                log.warning(
-                    "%s will retry in %ss: %s",
-                    msg.subject,
-                    delay,
-                    exc.message,
-                    extra={"durable": self._durable, "delivery": delivered, "hint": exc.hint},
-                )
-            else:
-                log.error(
-                    "handler of %s failed, will retry in %ss",
-                    msg.subject,
-                    delay,
-                    exc_info=exc,
-                    extra={"durable": self._durable, "delivery": delivered},
-                )
-            await self._settle(msg, "retried", msg.nak(delay=delay))
-            return
-        finally:
-            keepalive.cancel()
-        await self._settle(msg, "acked", msg.ack())
-
-    async def release(self, msg: Msg) -> None:
-        """Hand an unprocessed message back at once (we are stopping)."""
-        await self._settle(msg, "released", msg.nak())
-
-    async def _keep_alive(self, msg: Msg) -> None:
-        while True:
-            await asyncio.sleep(self._ack_wait / 3)
-            with contextlib.suppress(*_NATS_ERRORS):
-                await msg.in_progress()
-
-    async def _settle(self, msg: Msg, outcome: str, action: Awaitable[None]) -> None:
-        try:
-            await action
-        except nats.errors.MsgAlreadyAckdError:
-            pass  # the handler settled it itself
-        except _NATS_ERRORS as exc:
-            # Unsettled means redelivered after ack_wait: handlers are idempotent.
-            log.debug("cannot settle %s: %s", msg.subject, _describe(exc))
-        _outcomes.labels(self._durable, outcome).inc()
-
-    async def _dead_letter(self, msg: Msg, exc: BaseException, event: Event | None) -> None:
-        reason = exc.message if isinstance(exc, KlioError) else str(exc)
-        seq = msg.metadata.sequence.stream
-        log.error(
-            "giving up on %s (stream sequence %s): %s",
-            msg.subject,
-            seq,
-            reason,
-            extra={"durable": self._durable},
-        )
-        try:
-            cluster = subjects.cluster_of(msg.subject)
-        except ValueError:
-            await self._settle(msg, "terminated", msg.term())
-            return
-        letter = DeadLetter(
-            event_id=codec.event_id_for("deadletter", self._bus.name, msg.subject, str(seq)),
-            occurred_at=now(),
-            cluster=cluster,
-            system_id=event.system_id if event is not None else SYSTEM_ID_UNKNOWN,
-            service=self._bus.name,
-            subject=msg.subject,
-            reason=reason,
-            payload=msg.data.decode("utf-8", errors="replace"),
-        )
-        try:
-            await self._bus.publish_event(letter)
-        except Retryable as publish_error:
-            # Keep the message until its dead letter is stored: a report must not be lost.
-            log.warning("cannot publish the dead letter: %s", publish_error.message)
-            await self._settle(msg, "retried", msg.nak(delay=self._backoff[-1]))
-            return
-        await self._settle(msg, "dead-lettered", msg.term())
