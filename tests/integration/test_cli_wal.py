@@ -2,89 +2,37 @@
 
 from __future__ import annotations
 
-import asyncio
-import io
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Mapping
-from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
 
-from klio_cli.events import tail
 from klio_common import compression
 from klio_common.catalog.wal import WalArchive
-from klio_common.crypto import KeyRing
-from klio_common.events import WalSegmentClosed, codec, now
-from klio_common.pg.walname import WalSegment, is_segment_name
-from klio_common.runtime.bus import Bus
-from klio_common.runtime.settings import Settings
+from klio_common.pg.walname import is_segment_name
 from klio_dev import (
-    NatsServer,
     PostgresServer,
     ServerError,
     run_as_postgres,
     wait_until,
-    wait_until_async,
 )
 from tests.fixtures.paths import KlioConfigWriter
+from tests.integration.cli import (
+    KLIO,
+    SEG,
+    SMALL,
+    keyring,
+    klio,
+    open_archive,
+    postgres_dir,
+    read_config,
+    store,
+)
 
 pytestmark = pytest.mark.integration
-
-KLIO = Path(sys.executable).with_name("klio")
-SEG = 16 << 20
-SMALL = 1 << 20  # verify tests use 1 MiB segments: same logic, less to encode
-
-
-def klio(
-    *args: str, config: Path | None = None, user: str | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    """Run the installed ``klio`` with a clean environment (no KLIO_CONFIG leaking in)."""
-    argv = [str(KLIO), *(["--config", str(config)] if config else []), *args]
-    if user is not None:
-        argv = ["runuser", "-u", user, "--", *argv]
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
-    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
-
-
-def open_archive(tier1: Path, keys: Mapping[str, Path], seg_size: int = SEG) -> WalArchive:
-    archive = WalArchive(tier1, "main")
-    archive.ensure_identity(7000000000000000001, seg_size, 150000, int(time.time()))
-    return archive
-
-
-def keyring(keys: Mapping[str, Path], active: str = "k1") -> KeyRing:
-    return KeyRing.load(active, dict(keys))
-
-
-def store(archive: WalArchive, kr: KeyRing, tli: int, segnos: range, size: int) -> None:
-    codec_ = compression.get("zstd", 3)
-    for segno in segnos:
-        body = segno.to_bytes(8, "big") * (size // 8)
-        archive.store_segment(WalSegment(tli, segno, size).name, body, codec=codec_, keyring=kr)
-
-
-def read_config(
-    klio_config: KlioConfigWriter,
-    tier1: Path,
-    keys: Mapping[str, Path],
-    path: Path | None = None,
-) -> Path:
-    """A configuration for the read path only: Tier 1, keys and the cluster ``main``."""
-    cluster = {"name": "main", "conninfo": "host=127.0.0.1 port=1 user=klio"}
-    return klio_config(tier1=tier1, keys=keys, extra={"clusters": [cluster]}, path=path)
-
-
-def postgres_dir(workdir: Path) -> Path:
-    """A directory the postgres user may write into (like pg_wal)."""
-    path = workdir / "pg_wal"
-    path.mkdir()
-    subprocess.run(["chown", "postgres:postgres", str(path)], check=True)
-    return path
 
 
 # -- wal-restore ------------------------------------------------------------------------------
@@ -308,143 +256,6 @@ def test_wal_status_reports_the_receiver_and_the_archive(
     doc = json.loads(klio("wal", "status", "--json", config=config).stdout)
     assert doc["stale"] is True
     assert "stale" in klio("wal", "status", config=config).stdout
-
-
-# -- check ------------------------------------------------------------------------------------
-
-
-async def test_check_against_real_servers(
-    pg: PostgresServer,
-    nats_server: NatsServer,
-    tier1_dir: Path,
-    keyring_files: dict[str, Path],
-    klio_config: KlioConfigWriter,
-) -> None:
-    config = klio_config(pg=pg, nats=nats_server, tier1=tier1_dir, keys=keyring_files)
-    settings = Settings.load(config, {})
-    bus = await Bus.connect(settings.nats, name="test")
-    await bus.ensure_stream()
-    await bus.close()
-
-    done = await asyncio.to_thread(klio, "check", "--json", config=config)
-    results = {r["name"]: r for r in json.loads(done.stdout)}
-    assert done.returncode == 0, done.stdout
-    for name in (
-        "config",
-        "keys",
-        "nats",
-        "stream",
-        "main/postgres",
-        "main/version",
-        "main/wal_level",
-        "main/replication role",
-        "main/system identifier",
-        "main/tier1",
-    ):
-        assert results[name]["status"] == "ok", results[name]
-    assert results["main/slot"]["status"] == "warn"  # the receiver creates it
-    assert "tier2" not in results
-
-    pg.execute("SELECT pg_create_physical_replication_slot('klio')")
-    archive = WalArchive(tier1_dir, "main")
-    archive.ensure_identity(pg.system_identifier(), SEG, 150000, int(time.time()))
-    done = await asyncio.to_thread(klio, "check", config=config)
-    assert done.returncode == 0, done.stdout
-    assert "ok main/slot: physical slot 'klio'" in done.stdout
-    assert f"ok main/system identifier: {pg.system_identifier()} matches" in done.stdout
-
-
-async def test_check_fails_fast_with_reasons(
-    pg: PostgresServer,
-    nats_server: NatsServer,
-    tier1_dir: Path,
-    keyring_files: dict[str, Path],
-    klio_config: KlioConfigWriter,
-) -> None:
-    config = klio_config(pg=pg, nats=nats_server, tier1=tier1_dir, keys=keyring_files)
-    WalArchive(tier1_dir, "main").ensure_identity(42, SEG, 150000, int(time.time()))
-    pg.execute("ALTER ROLE klio NOREPLICATION")
-    done = await asyncio.to_thread(klio, "check", config=config)
-    assert done.returncode == 1
-    assert "FAIL stream: stream KLIO does not exist" in done.stdout
-    assert "FAIL main/replication role:" in done.stdout
-
-    pg.execute("ALTER ROLE klio REPLICATION")
-    done = await asyncio.to_thread(klio, "check", config=config)
-    assert "FAIL main/system identifier:" in done.stdout
-    assert "belongs to system 42" in done.stdout
-
-    nats_server.stop()
-    pg.stop()
-    done = await asyncio.to_thread(klio, "check", config=config)
-    assert done.returncode == 1
-    assert "FAIL nats: cannot connect to NATS" in done.stdout
-    assert "FAIL main/postgres: " in done.stdout
-    assert "ok main/tier1:" in done.stdout
-
-    broken = klio_config(
-        pg=pg,
-        tier1=tier1_dir,
-        extra={"compression": {"level": 99}},
-        path=tier1_dir.parent / "broken.yaml",
-    )
-    done = await asyncio.to_thread(klio, "check", config=broken)
-    assert done.returncode == 1
-    assert done.stdout.startswith("FAIL config: invalid configuration")
-
-
-# -- events tail ------------------------------------------------------------------------------
-
-
-async def test_events_tail_prints_events_from_the_start_and_live(
-    nats_server: NatsServer, klio_config: KlioConfigWriter, tier1_dir: Path
-) -> None:
-    settings = Settings.load(klio_config(nats=nats_server, tier1=tier1_dir), {})
-    bus = await Bus.connect(settings.nats, name="test")
-    await bus.ensure_stream()
-
-    def event(cluster: str, segment: str) -> WalSegmentClosed:
-        return WalSegmentClosed(
-            event_id=codec.event_id_for(cluster, segment),
-            occurred_at=now(),
-            cluster=cluster,
-            system_id="1",
-            segment=segment,
-            timeline=1,
-            start_lsn="0/1000000",
-            end_lsn="0/2000000",
-            size=SEG,
-            stored_size=100,
-            sha256="0" * 64,
-            key_id=None,
-            compression="zstd",
-            path=f"wal/0000000100000000/{segment}",
-        )
-
-    await bus.publish_event(event("main", "000000010000000000000001"))
-    await bus.publish_event(event("other", "000000010000000000000002"))
-    out = io.StringIO()
-    stop = asyncio.Event()
-    with redirect_stdout(out):
-        task = asyncio.create_task(
-            tail(settings, "klio.main.>", as_json=True, from_start=True, stop=stop)
-        )
-        await wait_until_async(
-            lambda: "000000010000000000000001" in out.getvalue(), 10, "the first event"
-        )
-        await bus.publish_event(event("main", "000000010000000000000003"))
-        await wait_until_async(
-            lambda: "000000010000000000000003" in out.getvalue(), 10, "the live event"
-        )
-        stop.set()
-        await task
-    await bus.close()
-    lines = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert [line["event"]["segment"] for line in lines] == [
-        "000000010000000000000001",
-        "000000010000000000000003",
-    ]
-    assert lines[0]["subject"] == "klio.main.wal.segment.closed"
 
 
 # -- PostgreSQL itself as the client of wal-restore ---------------------------------------------
