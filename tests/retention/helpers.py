@@ -22,13 +22,36 @@ from klio_common.pg.lsn import Lsn
 from klio_common.pg.walname import WalSegment
 from klio_common.runtime.settings import Settings
 from klio_common.storage.layout import Kind, kind_of
-from klio_dev import S3Server
+from klio_dev import PostgresServer, S3Server
 from tests.basebackup.helpers import catalog_of
+from tests.fixtures.paths import KlioConfigWriter
 from tests.restore.helpers import klio, output_of
-from tests.wal_receiver.helpers import VENV_BIN, keyring_of
+from tests.wal_receiver.helpers import VENV_BIN, keyring_of, load
 
 BUCKET = "klio-test"
 SEG = 1 << 20
+
+
+def keep_one_backup(
+    klio_config: KlioConfigWriter,
+    pg: PostgresServer,
+    nats_server: Any,
+    tier1_dir: Path,
+    keyring_files: dict[str, Path],
+) -> tuple[Path, Settings]:
+    """A cluster keeping one backup on Tier 1 (no chunk grace), with a 30,000-row table ``t``."""
+    config = klio_config(
+        pg=pg,
+        nats=nats_server,
+        tier1=tier1_dir,
+        keys=keyring_files,
+        cluster={"retention": {"tier1": "REDUNDANCY 1"}},
+        extra={"retention": {"chunk_grace": 0}},
+    )
+    pg.execute(
+        "CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 30000) g"
+    )
+    return config, load(config)
 
 
 def retention(config: Path, *args: str) -> list[dict[str, Any]]:

@@ -13,8 +13,8 @@ from klio_dev.waiting import wait_until
 from tests.basebackup.helpers import basebackup_inprocess, catalog_of, store_of
 from tests.fixtures.paths import KlioConfigWriter
 from tests.restore.helpers import backup_now, klio, output_of, restore_server, wait_ready
-from tests.retention.helpers import retention
-from tests.wal_receiver.helpers import load, receiver_inprocess, wait_closed
+from tests.retention.helpers import keep_one_backup, retention
+from tests.wal_receiver.helpers import receiver_inprocess, wait_closed
 
 pytestmark = pytest.mark.integration
 
@@ -39,18 +39,7 @@ def test_a_running_backup_survives_retention_and_restores(
     klio_config: KlioConfigWriter,
     workdir: Path,
 ) -> None:
-    config = klio_config(
-        pg=pg,
-        nats=nats_server,
-        tier1=tier1_dir,
-        keys=keyring_files,
-        cluster={"retention": {"tier1": "REDUNDANCY 1"}},
-        extra={"retention": {"chunk_grace": 0}},
-    )
-    settings = load(config)
-    pg.execute(
-        "CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 30000) g"
-    )
+    config, settings = keep_one_backup(klio_config, pg, nats_server, tier1_dir, keyring_files)
     with basebackup_inprocess(settings):
         wait_ready(settings, "basebackup")
         with receiver_inprocess(settings):
