@@ -100,6 +100,7 @@ def test_backups_reach_the_bucket_metadata_last_and_incrementally(
         wait_in_bucket(s3_server, {f"main/{p}" for p in wal})
         wait_until(lambda: sample("klio_relay_lag_segments", cluster="main") == 0, 30, "no lag")
         puts_before = sample("klio_relay_requests_total", op="put")
+        heads_before = sample("klio_relay_requests_total", op="head")
         keys_before = set(bucket_objects(s3_server))
 
         changed = bytearray(files["base/5/16384"])
@@ -113,12 +114,14 @@ def test_backups_reach_the_bucket_metadata_last_and_incrementally(
         announce_backup(nats_server.url, two)
         wait_until(lambda: _relayed(nats_server.url, two.id), 120, "backup two relayed")
         puts = sample("klio_relay_requests_total", op="put") - puts_before
+        heads = sample("klio_relay_requests_total", op="head") - heads_before
         new_keys = set(bucket_objects(s3_server)) - keys_before
 
     new_chunks = {chunk_path(c) for f in two.files for c in f.chunks} - chunks
     assert len(new_chunks) == 2
     assert new_keys == {f"main/{p}" for p in new_chunks | {manifest_path(two.id)}}
     assert puts == len(new_keys) == 3  # two chunks and the manifest: nothing sent twice
+    assert heads == 0  # each PUT's ETag (the server's MD5 of what it stored) verified it
     event = _relayed(nats_server.url, two.id)
     assert event is not None
     assert (event["objects_uploaded"], event["objects_skipped"]) == (3, 12)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from klio_common.errors import NotFound
+from klio_common.errors import NotFound, Permanent
 from klio_common.runtime.settings import S3Settings
 from klio_common.storage.s3 import (
     MIN_PART_SIZE,
@@ -48,6 +48,23 @@ async def test_put_if_absent_never_overwrites_and_head_returns_the_checksum(s3_s
         await store.delete("a/b")
         assert await store.head("a/b") is None
     assert ("put_object", 1000) in calls and ("put_object", len(b"other bytes")) in calls
+
+
+async def test_a_put_is_verified_by_the_md5_the_server_computed(s3_server: Any) -> None:
+    data = secrets.token_bytes(5000)
+    md5 = hashlib.md5(data).digest()
+    async with S3Store(_settings(s3_server)) as store:
+        stored = await store.put_if_absent("v/ok", data, md5=md5)
+        assert stored is not None and stored.verified(md5)
+        assert not stored.verified(hashlib.md5(b"other bytes").digest())
+        # Our Content-MD5 may be refused by the server (AWS) or ignored (moto); either way
+        # the ETag is what the server computed, so a wrong claim never verifies.
+        wrong = hashlib.md5(b"not the body").digest()
+        try:
+            claimed = await store.put_if_absent("v/wrong", data, md5=wrong)
+        except Permanent:
+            claimed = None
+        assert claimed is None or not claimed.verified(wrong)
 
 
 async def test_multipart_uploads_store_the_composite_checksum(s3_server: Any) -> None:

@@ -80,8 +80,9 @@ class _Frame:
     index: int
     flags: int
     offset: int
-    plain: bytes
+    plain: bytes  # empty when the opener only authenticates
     end: int  # file position after the frame
+    size: int  # plaintext bytes the frame holds
 
 
 class _BadFrame(Exception):
@@ -279,6 +280,7 @@ class _Opener:
     ) -> None:
         self.codec, self.cipher, self.prefix = codec, cipher, header.nonce_prefix
         self.digest = hashlib.sha256(head).digest()[:16]
+        self.authenticate_only = False  # check CRC and tag, do not decompress
 
     def frames(self, view: memoryview, pos: int, limit: int, budget: int) -> Iterator[_Frame]:
         """Yield checked frames in order; raise ``_BadFrame`` at the first bad one.
@@ -308,7 +310,7 @@ class _Opener:
             specs.append(_Spec(view, index, pos, end, flags, offset, size))
             pos = end
         for spec, plain in zip(specs, _map(self._open, specs), strict=True):
-            yield _Frame(spec.index, spec.flags, spec.offset, plain, spec.end)
+            yield _Frame(spec.index, spec.flags, spec.offset, plain, spec.end, spec.size)
         if error is not None:
             raise error
 
@@ -326,6 +328,8 @@ class _Opener:
                 data = self.cipher.decrypt(nonce, payload, aad)
             except crypto.InvalidTag:
                 raise _BadFrame(s.index, "failed authentication", s.pos, s.end) from None
+        if self.authenticate_only:
+            return b""
         try:
             plain = self.codec.decompress(data, s.size)
         except CorruptObject as exc:
@@ -356,6 +360,32 @@ def decode_object(
         CorruptObject: any check failed (header, CRC, tag, offsets, last frame, size, SHA-256).
         EncryptionKeyError: the object's key is not configured or is the wrong key.
     """
+    return _walk(data, keyring, source, max_size, decode=True)
+
+
+def check_object(
+    data: bytes | bytearray | memoryview,
+    keyring: KeyRing,
+    *,
+    source: str,
+    max_size: int = MAX_PLAINTEXT_SIZE,
+) -> ObjectHeader:
+    """Check that a complete object is intact as stored, without decompressing it.
+
+    Checks the header, then every frame: its CRC-32 and, when encrypted, its AEAD tag (which
+    binds the header), the offsets, sizes and the last frame. Any byte changed at rest fails
+    here. It does not recompute the plaintext SHA-256 (`decode_object` does): this is the
+    check for copying an object elsewhere, where the bytes matter, not the content.
+
+    Raises:
+        CorruptObject: a check failed. EncryptionKeyError: the object's key is unusable.
+    """
+    return _walk(data, keyring, source, max_size, decode=False)[0]
+
+
+def _walk(
+    data: bytes | bytearray | memoryview, keyring: KeyRing, source: str, max_size: int, decode: bool
+) -> tuple[ObjectHeader, bytes]:
     view = memoryview(data).cast("B")
     header, head, pos = _parse_header(view, source)
     size = header.plaintext_size
@@ -364,6 +394,7 @@ def decode_object(
     if size > max_size:
         raise _corrupt(source, f"declares {size} bytes, more than the maximum {max_size}")
     opener = _opener(header, head, keyring, source)
+    opener.authenticate_only = not decode
     sha, pieces, done, last = hashlib.sha256(), [], 0, False
     try:
         for frame in opener.frames(view, pos, size, size):
@@ -373,9 +404,10 @@ def decode_object(
                 raise _corrupt(
                     source, f"frame {frame.index} is at offset {frame.offset}, expected {done}"
                 )
-            sha.update(frame.plain)
-            pieces.append(frame.plain)
-            done += len(frame.plain)
+            if decode:
+                sha.update(frame.plain)
+                pieces.append(frame.plain)
+            done += frame.size
             last = bool(frame.flags & FLAG_LAST)
     except _BadFrame as bad:
         raise _corrupt(source, f"frame {bad.index} {bad.reason}") from None
@@ -383,6 +415,8 @@ def decode_object(
         raise _corrupt(source, "truncated (no last frame)")
     if done != size:
         raise _corrupt(source, f"holds {done} bytes, the header says {size}")
+    if not decode:
+        return header, b""
     if sha.hexdigest() != header.plaintext_sha256:
         raise _corrupt(source, "SHA-256 of the content does not match the header")
     return header, pieces[0] if len(pieces) == 1 else b"".join(pieces)

@@ -16,12 +16,13 @@ import msgspec
 from klio_common.catalog.wal import ClusterIdentity
 from klio_common.crypto import KeyRing
 from klio_common.errors import ConflictError, CorruptObject, NotFound, Permanent, Retryable
-from klio_common.objects import ObjectHeader, decode_object
+from klio_common.objects import ObjectHeader, check_object
 from klio_common.storage.layout import BucketLayout, Kind, kind_of
 from klio_common.storage.s3 import (
     BucketUnavailable,
     ObjectInfo,
     S3Store,
+    Stored,
     composite_checksum,
     part_size_for,
 )
@@ -171,9 +172,10 @@ class Uploader:
             except msgspec.DecodeError as exc:
                 raise CorruptObject(f"{source} is corrupt: {exc}") from exc
             return data, None
-        # Opening the object checks every frame, tag and the plaintext SHA-256: a damaged
-        # Tier-1 object must never reach the bucket looking like a good one.
-        header, _ = decode_object(data, self.keyring, source=source)
+        # Every frame's CRC and AEAD tag, and the header: a Tier-1 object damaged at rest must
+        # never reach the bucket looking like a good one. (Restore and `klio verify` also
+        # check the plaintext SHA-256; the bytes sent here are the stored bytes.)
+        header = check_object(data, self.keyring, source=source)
         expected = path.rsplit("/", 1)[-1] if kind is not Kind.MANIFEST else path.split("/")[1]
         if header.kind != _HEADER_KIND[kind] or header.name != expected:
             raise CorruptObject(
@@ -185,15 +187,18 @@ class Uploader:
     def _local(self, data: bytes, header: ObjectHeader | None) -> Local:
         size = len(data)
         digest = hashlib.sha256(data).digest()  # once: it is both the journal's and S3's checksum
+        md5 = b""
         if size > self.multipart_threshold:
             checksum = composite_checksum(data, part_size_for(size, self.multipart_threshold))
         else:
             checksum = base64.b64encode(digest).decode()
+            md5 = hashlib.md5(data, usedforsecurity=False).digest()  # for the PUT's ETag
         return Local(
             size=size,
             sha256=digest.hex(),
             checksum=checksum,
             plaintext_sha256=header.plaintext_sha256 if header else None,
+            md5=md5,
         )
 
     async def _send(
@@ -207,7 +212,10 @@ class Uploader:
             info = await self.store.head(key)
         for _ in range(3):  # the key may be deleted between a refused PUT and our HEAD
             if info is None:
-                uploaded = await self._put(key, data, header, path, local.checksum)
+                stored = await self._put(key, data, header, path, local)
+                uploaded = stored is not None
+                if isinstance(stored, Stored) and local.md5 and stored.verified(local.md5):
+                    break  # the server's own MD5 of what it stored is ours: no HEAD needed
                 info = await self.store.head(key)
                 if info is None:
                     continue
@@ -242,15 +250,19 @@ class Uploader:
         return Relayed(Tier2Entry(path, local.sha256, local.size), key, uploaded, header)
 
     async def _put(
-        self, key: str, data: bytes, header: ObjectHeader | None, path: str, checksum: str
-    ) -> bool:
+        self, key: str, data: bytes, header: ObjectHeader | None, path: str, local: Local
+    ) -> Stored | bool | None:
+        """Upload; None (or False, multipart) when the key is taken, else the server's answer."""
         kind = kind_of(path)
         metadata = {META_KIND: kind.value if kind else "unknown"}
         if header is not None and header.plaintext_sha256:
             metadata[META_PLAINTEXT_SHA256] = header.plaintext_sha256
         if len(data) > self.multipart_threshold:
             part = part_size_for(len(data), self.multipart_threshold)
-            return await self.store.put_multipart_if_absent(
+            stored = await self.store.put_multipart_if_absent(
                 key, data, part_size=part, metadata=metadata
             )
-        return await self.store.put_if_absent(key, data, metadata=metadata, checksum=checksum)
+            return stored or None
+        return await self.store.put_if_absent(
+            key, data, metadata=metadata, checksum=local.checksum, md5=local.md5 or None
+        )

@@ -105,6 +105,27 @@ def same_checksum(stored: str | None, expected: str) -> bool:
     return stored is not None and stored.split("-", 1)[0] == expected
 
 
+@dataclass(frozen=True)
+class Stored:
+    """The server's answer to a PUT that stored an object.
+
+    Attributes:
+        etag: the ETag it returned; for a single-part upload without SSE-KMS or SSE-C, the
+            hex MD5 the server computed over the bytes it received.
+        checksum_sha256: the SHA-256 it returned, when it returns one.
+    """
+
+    etag: str | None
+    checksum_sha256: str | None = None
+
+    def verified(self, md5: bytes) -> bool:
+        """Whether the server's own MD5 of what it stored is ``md5`` (the digest we sent).
+
+        False means "not proven here" (another ETag scheme, or other bytes): ask with HEAD.
+        """
+        return self.etag is not None and self.etag.strip('"').lower() == md5.hex()
+
+
 class S3Store:
     """One bucket, through aioboto3. Use it as ``async with S3Store(settings) as store``.
 
@@ -234,20 +255,27 @@ class S3Store:
         *,
         metadata: Mapping[str, str] | None = None,
         checksum: str | None = None,
-    ) -> bool:
+        md5: bytes | None = None,
+    ) -> Stored | None:
         """Store ``data`` under ``key`` unless something is there (``If-None-Match: *``).
 
         The body carries its SHA-256 (``x-amz-checksum-sha256``), which S3 checks and stores;
-        pass ``checksum`` (base64) when the caller has already computed it.
+        pass ``checksum`` (base64) when the caller has already computed it. With ``md5`` (the
+        raw MD5 digest of ``data``) it also carries ``Content-MD5``, and the answer's ETag can
+        be compared with it: see `Stored.verified`.
 
         Returns:
-            True when stored; False when the key already exists (nothing was changed).
+            What the server answered when it stored the object; None when the key already
+            exists (nothing was changed).
 
         Raises:
             BucketUnavailable: see `check`; Permanent: the request was refused otherwise.
         """
+        extra: dict[str, Any] = {}
+        if md5 is not None:
+            extra["ContentMD5"] = base64.b64encode(md5).decode()
         try:
-            await self._call(
+            answer = await self._call(
                 "put_object",
                 f"uploading {key}",
                 len(data),
@@ -257,12 +285,13 @@ class S3Store:
                 ChecksumAlgorithm="SHA256",
                 ChecksumSHA256=checksum or sha256_checksum(data),
                 Metadata=dict(metadata or {}),
+                **extra,
             )
         except botocore.exceptions.ClientError as exc:
             if _precondition_failed(exc):
-                return False
+                return None
             raise self._client_error(exc, f"uploading {key}") from exc
-        return True
+        return Stored(etag=answer.get("ETag"), checksum_sha256=answer.get("ChecksumSHA256"))
 
     async def put_multipart_if_absent(
         self,
