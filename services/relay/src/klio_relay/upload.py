@@ -103,6 +103,7 @@ class Uploader:
         probe: told about every success and bucket failure.
         slots: bounds the objects in flight across the whole relay.
         multipart_threshold: objects above this many bytes go up in parts.
+        read_ahead: objects read and checked while they wait for a slot (memory bound).
     """
 
     def __init__(
@@ -115,6 +116,7 @@ class Uploader:
         probe: BucketProbe,
         slots: asyncio.Semaphore,
         multipart_threshold: int,
+        read_ahead: int = 4,
     ) -> None:
         self.store = store
         self.layout = layout
@@ -126,6 +128,7 @@ class Uploader:
         self.multipart_threshold = multipart_threshold
         self.listed: set[str] = set()  # paths a bucket listing showed: HEAD before any PUT
         self._flights: SingleFlight[Relayed] = SingleFlight()
+        self._ahead = asyncio.Semaphore(read_ahead)
 
     async def relay(self, path: str, *, head_first: bool = False) -> Relayed:
         """Make sure the object at ``path`` (relative to the cluster directory) is in the bucket.
@@ -148,13 +151,22 @@ class Uploader:
     async def _relay(self, path: str, head_first: bool) -> Relayed:
         if not self.probe.ok:
             raise self.probe.error()
-        async with self.slots:
-            data, header = await asyncio.to_thread(self._read, path)
-            try:
-                return await self._send(path, data, header, head_first)
-            except BucketUnavailable as exc:
-                self.probe.failed(exc)
-                raise
+        # Reading and checking the next objects overlaps the uploads in flight; an object
+        # holds its read-ahead place until it has an upload slot, which bounds memory.
+        async with self._ahead:
+            data, header, local = await asyncio.to_thread(self._prepare, path)
+            await self.slots.acquire()
+        try:
+            return await self._send(path, data, header, local, head_first)
+        except BucketUnavailable as exc:
+            self.probe.failed(exc)
+            raise
+        finally:
+            self.slots.release()
+
+    def _prepare(self, path: str) -> tuple[bytes, ObjectHeader | None, Local]:
+        data, header = self._read(path)
+        return data, header, self._local(data, header)
 
     def _read(self, path: str) -> tuple[bytes, ObjectHeader | None]:
         kind = kind_of(path)
@@ -202,10 +214,9 @@ class Uploader:
         )
 
     async def _send(
-        self, path: str, data: bytes, header: ObjectHeader | None, head_first: bool
+        self, path: str, data: bytes, header: ObjectHeader | None, local: Local, head_first: bool
     ) -> Relayed:
         key = self.layout.key(path)
-        local = await asyncio.to_thread(self._local, data, header)
         uploaded = False
         info: ObjectInfo | None = None
         if head_first or path in self.listed:

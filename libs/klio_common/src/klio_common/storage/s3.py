@@ -159,7 +159,13 @@ class S3Store:
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             retries={"max_attempts": attempts, "mode": "standard"},
-            s3={"addressing_style": "path" if settings.endpoint_url else "auto"},
+            s3={
+                "addressing_style": "path" if settings.endpoint_url else "auto",
+                # Every body carries its own SHA-256 (x-amz-checksum-sha256, which S3 checks)
+                # and uploads are verified afterwards: hashing it again for the signature
+                # (botocore does so on every http:// request) adds CPU, not safety.
+                "payload_signing_enabled": False,
+            },
             # We send SHA-256 ourselves; no second (CRC) checksum on every request.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
