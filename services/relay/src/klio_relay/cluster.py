@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,7 +35,8 @@ from klio_common.storage.s3 import S3Store
 from klio_common.storage.tier2state import UNKNOWN_SHA256, Tier2Entry, Tier2State
 from klio_relay.probe import BucketProbe
 from klio_relay.state import Lag, RelayMetrics
-from klio_relay.upload import SingleFlight, Uploader
+from klio_relay.upload import Relayed, SingleFlight, Uploader
+from klio_relay.window import Window
 
 log = logging.getLogger("klio.relay")
 SERVICE = "relay"
@@ -257,13 +258,11 @@ class ClusterRelay:
 
     async def _wal_range(self, manifest: BackupManifest, origin: Origin) -> None:
         names = await asyncio.to_thread(self._wal_names, manifest)
-        for start in range(0, len(names), self.window):
-            self._check_stop()
-            batch = [n for n in names[start : start + self.window] if wal_path(n) not in self.state]
-            results = await asyncio.gather(
-                *(self.wal_file(n, origin=origin) for n in batch), return_exceptions=True
-            )
-            _raise_first([r for r in results if isinstance(r, BaseException)])
+        names = [n for n in names if wal_path(n) not in self.state]
+        window: Window[str, bool] = Window(
+            lambda n: self.wal_file(n, origin=origin), self.window, _settled, self._check_stop
+        )
+        _raise_first(await window.run(names))
 
     def _wal_names(self, manifest: BackupManifest) -> list[str]:
         seg_size = self.archive.segment_size()
@@ -278,27 +277,22 @@ class ClusterRelay:
         return names
 
     async def _relay_many(self, paths: Sequence[str], counts: _Counts) -> None:
-        for start in range(0, len(paths), self.window):
-            self._check_stop()
-            batch = paths[start : start + self.window]
-            results = await asyncio.gather(
-                *(self.uploader.relay(p, head_first=p in self.failed) for p in batch),
-                return_exceptions=True,
-            )
-            done = [r for r in results if not isinstance(r, BaseException)]
+        async def settle(group: list[tuple[str, Relayed | BaseException]]) -> None:
+            done = [r for _, r in group if isinstance(r, Relayed)]
             if done:
                 await asyncio.to_thread(self.state.record, [r.entry for r in done])
             for relayed in done:
                 counts.uploaded += relayed.uploaded
                 counts.skipped += not relayed.uploaded
                 counts.bytes += relayed.entry.size if relayed.uploaded else 0
-            errors = []
-            for path, result in zip(batch, results, strict=True):
+            for path, result in group:
                 if isinstance(result, Permanent):
                     self.failed[path] = result.message
-                if isinstance(result, BaseException):
-                    errors.append(result)
-            _raise_first(errors)
+
+        def work(path: str) -> Awaitable[Relayed]:
+            return self.uploader.relay(path, head_first=path in self.failed)
+
+        _raise_first(await Window(work, self.window, settle, self._check_stop).run(paths))
 
     def _check_stop(self) -> None:
         if self.stop.is_set():
@@ -348,6 +342,10 @@ class ClusterRelay:
             payload=msgspec.json.encode({"path": what, "found_by": "reconcile"}).decode(),
         )
         await self._announce(letter)
+
+
+async def _settled(group: object) -> None:
+    """Nothing to do per group: each WAL file journals and announces itself."""
 
 
 def _raise_first(errors: Sequence[BaseException]) -> None:

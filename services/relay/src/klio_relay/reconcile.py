@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 from klio_common.errors import KlioError, Permanent
 from klio_common.pg.walname import history_name
 from klio_common.storage.layout import manifest_path, wal_path
 from klio_relay.cluster import ClusterRelay
 from klio_relay.probe import BucketProbe
+from klio_relay.window import Window
 
 log = logging.getLogger("klio.relay")
 
@@ -54,18 +55,19 @@ async def reconcile_cluster(relay: ClusterRelay) -> int:
     pending = await asyncio.to_thread(scan_wal, relay)
     relay.lag.replace_wal({p: (size, mtime) for p, (_, size, mtime) in pending.items()})
     relayed = 0
-    items = sorted(pending.items())
-    for start in range(0, len(items), relay.window):
-        batch = items[start : start + relay.window]
-        results = await asyncio.gather(
-            *(
-                relay.wal_file(name, origin="reconcile", size=size, since=mtime)
-                for _, (name, size, mtime) in batch
-            ),
-            return_exceptions=True,
-        )
-        relayed += sum(1 for r in results if r is True)
-        _raise_transient(results)
+
+    async def settle(group: list[tuple[tuple[str, int, float], bool | BaseException]]) -> None:
+        nonlocal relayed
+        relayed += sum(1 for _, r in group if r is True)
+
+    def work(item: tuple[str, int, float]) -> Awaitable[bool]:
+        name, size, mtime = item
+        return relay.wal_file(name, origin="reconcile", size=size, since=mtime)
+
+    items = [entry for _, entry in sorted(pending.items())]
+    window = Window(work, relay.window, settle, fatal=lambda exc: not isinstance(exc, Permanent))
+    errors = await window.run(items)
+    _raise_transient(errors)
     ids = await asyncio.to_thread(relay.catalog.ids)
     for backup_id in ids:
         if manifest_path(backup_id) in relay.state:
