@@ -244,7 +244,9 @@ class Lab:
         doc: dict[str, Any] = {
             "nats": {"url": self.nats.url},
             "tier1": {"path": str(tier1)},
-            "compression": {"algorithm": compression, "level": 3},
+            # The levels are Klio's defaults (compression.wal_level, backup_level), as users
+            # run it; the report states them.
+            "compression": {"algorithm": compression},
             "clusters": [cluster],
             "services": {"wal-receiver": {"http_port": 0, "http_host": "127.0.0.1"}},
         }

@@ -7,6 +7,7 @@ from typing import Any
 
 from bench import report_backup
 from bench.stats import MB, column, mean, median, ratio, runs_text, table, times
+from klio_common.runtime.settings import CompressionSettings
 
 __all__ = ["MB", "mean", "median", "ratio"]  # the arithmetic lives in bench.stats
 
@@ -23,11 +24,13 @@ RESTORE_METHODS = (
     "decode_in_process",
 )
 
+_WAL_LEVEL = CompressionSettings().wal  # what the receiver runs with: the default
+
 LABELS = {
     "pg_receivewal": "pg_receivewal",
-    "klio_zstd_aes": "Klio, zstd-3 + AES-256-GCM",
+    "klio_zstd_aes": f"Klio, zstd-{_WAL_LEVEL} + AES-256-GCM",
     "klio_none": "Klio, no compression, no encryption",
-    "klio": "Klio (`synchronous: true`)",
+    "klio": f"Klio (`synchronous: true`, zstd-{_WAL_LEVEL} + AES-256-GCM)",
     "cp": "`cp` of a plain segment (process)",
     "klio_process": "`klio wal-restore` (process)",
     "python_startup": "`python -c pass` (interpreter start-up alone)",
@@ -244,7 +247,7 @@ def render_restore(summary: Mapping[str, Any], raw: Mapping[str, Any]) -> list[s
     stored = raw.get("stored_bytes", 0) / max(1, raw["segments"])
     title = (
         f"Per-segment restore cost ({raw['segments']} segments; "
-        f"stored {stored / MB:.1f} MB each, zstd-3 + AES-256-GCM)"
+        f"stored {stored / MB:.1f} MB each, zstd-{_WAL_LEVEL} + AES-256-GCM)"
     )
     return [f"### {title}", "", *table(head, rows), ""]
 

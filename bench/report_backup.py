@@ -6,13 +6,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bench.stats import MB, column, median, ratio, runs_text, table, times
+from klio_common.runtime.settings import CompressionSettings
 
 BACKUP_BASELINE = "pg_basebackup"
 REPLAY_BASELINE = "cp"
 REPLAY_VARIANTS = ("klio",)
+_LEVEL = CompressionSettings().backup  # what the basebackup service runs with: the default
 LABELS = {
     "pgbb_tar": "`pg_basebackup -Ft -X none -c fast`",
-    "klio_bb": "Klio, zstd-3 + AES-256-GCM + dedup (request to commit)",
+    "klio_bb": f"Klio, zstd-{_LEVEL} + AES-256-GCM + dedup (request to commit)",
     "klio_bb_nowait": "Klio, without the wait for the WAL range",
     "pgbb_plain": "`pg_basebackup -Fp -X none -c fast`",
     "klio_rs": "`klio restore` (materialise PGDATA, no recovery)",

@@ -16,6 +16,7 @@ from klio_common.catalog.wal import WalArchive
 from klio_common.crypto import KeyRing
 from klio_common.objects import decode_object
 from klio_common.pg.walname import WalSegment
+from klio_common.runtime.settings import CompressionSettings
 from klio_restore import walfetch
 
 METHODS = (
@@ -33,7 +34,7 @@ SLOT = "bench_restore"
 
 
 def run(lab: Lab, *, segments: int) -> dict[str, Any]:
-    """Archive ``segments`` real WAL segments (zstd-3 + AES-256-GCM) and restore each one.
+    """Archive ``segments`` real WAL segments (as the receiver stores them) and restore each one.
 
     Returns:
         ``{"segments", "stored_bytes", "ms": {method: [ms per call]}, "cpu_ms": {...}}``.
@@ -49,7 +50,7 @@ def run(lab: Lab, *, segments: int) -> dict[str, Any]:
         int(lab.pg.sql("SHOW server_version_num")[0][0]),
         int(time.time()),
     )
-    codec = compression.get("zstd", 3)
+    codec = compression.get("zstd", CompressionSettings().wal)  # as the receiver stores it
     stored = 0
     for name in names:
         stored += archive.store_segment(

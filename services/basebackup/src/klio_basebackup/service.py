@@ -38,7 +38,7 @@ def build_runners(settings: Settings, metrics: BackupMetrics) -> dict[str, Clust
         raise ConfigError(["tier1.path: the basebackup service needs a Tier-1 directory"])
     tier1 = settings.tier1
     keyring = settings.encryption.keyring() if settings.encryption else KeyRing.none()
-    codec = compression.get(settings.compression.algorithm, settings.compression.level)
+    codec = compression.get(settings.compression.algorithm, settings.compression.backup)
     runners = {}
     for cluster in settings.clusters:
         check_schedule(cluster.name, cluster.backup_schedule)

@@ -34,7 +34,7 @@ async def main(settings: Settings, stop: asyncio.Event, health: Health) -> None:
             "encryption is not configured: the WAL archive is stored without encryption "
             "(set encryption.active and encryption.keys)"
         )
-    codec = compression.get(settings.compression.algorithm, settings.compression.level)
+    codec = compression.get(settings.compression.algorithm, settings.compression.wal)
     metrics = ReceiverMetrics()
     keeper = BusKeeper(settings.nats, name=f"klio-{SERVICE}")
     loop = asyncio.get_running_loop()

@@ -110,28 +110,30 @@ class ChunkStore:
     def put(self, chunk_id: str, data: bytes | memoryview) -> int:
         """Store a chunk (not fsynced: call `sync` before committing); return its stored size.
 
-        Overwrites an existing, uncommitted file of the same id: ids are content hashes, so the
-        only way the bytes can differ is a torn write from a crash.
+        Written in place, without a temporary file and rename: a chunk file is trusted only
+        once a committed manifest references it (the backup service rewrites any other, and
+        the commit's `sync` makes it durable first), so a file torn by a crash is never read
+        as good, and overwriting it is what the next backup does. Ids are content hashes, so
+        the bytes of a complete file of the same id are the same.
         """
         blob = encode_object(
             data, kind="chunk", name=chunk_id, codec=self.codec, keyring=self.keyring
         )
         path = self.path(chunk_id)
         try:
-            fd, tmp = self._open_temp(path)
+            fd = self._open(path)
         except FileNotFoundError:
             self._make_dirs(path.parent)
-            fd, tmp = self._open_temp(path)
+            fd = self._open(path)
         try:
             view = memoryview(blob)
             while view:
                 view = view[os.write(fd, view) :]
         except BaseException:
             os.close(fd)
-            tmp.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
             raise
         os.close(fd)
-        tmp.replace(path)
         return len(blob)
 
     def _make_dirs(self, directory: Path) -> None:
@@ -149,11 +151,11 @@ class ChunkStore:
                 continue  # another worker made it
             new.chmod(self.dir_mode | (new.stat().st_mode & stat.S_ISGID))
 
-    def _open_temp(self, path: Path) -> tuple[int, Path]:
-        tmp = fsio.temp_path(path)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.file_mode)
-        os.fchmod(fd, self.file_mode)
-        return fd, tmp
+    def _open(self, path: Path) -> int:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, self.file_mode)
+        if self.file_mode & _UMASK:  # the umask took bits we want
+            os.fchmod(fd, self.file_mode)
+        return fd
 
     def sync(self) -> None:
         """Make every chunk written so far durable, with the directories created for them.
@@ -207,6 +209,20 @@ class ChunkStore:
             for b in os.scandir(a.path):
                 if b.is_file() and not fsio.is_temp_name(b.name):
                     yield b.name
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o777  # unknown: always fchmod
+
+
+_UMASK = _umask()
 
 
 def _syncfs(fd: int) -> None:
