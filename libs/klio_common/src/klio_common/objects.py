@@ -484,6 +484,11 @@ class PartialWriter:
     ``path`` (so a partial being re-created replaces the old one atomically).
     Every writer has its own data key, so (key, nonce) pairs never repeat.
     After a failed write the writer refuses further use: create a new one.
+
+    With ``preallocate`` (a synchronous standby, where a COMMIT waits for every sync), the
+    file is zero-filled that far ahead of the frames, so a sync only has data to flush
+    (``fdatasync``, no size or extent change to journal). Readers stop at the zeros after the
+    last frame, as after a torn write (`read_partial`).
     """
 
     def __init__(
@@ -492,6 +497,7 @@ class PartialWriter:
         self.path, self._sealer, self._codec, self._fd, self._tmp = path, sealer, codec, fd, tmp
         self._frame_size, self._size, self._index = frame_size, 0, 0
         self._published = self._closed = self._failed = False
+        self._ahead = self._allocated = 0  # zero-filled bytes: how many to keep ahead, up to
 
     @classmethod
     def create(
@@ -505,6 +511,7 @@ class PartialWriter:
         file_mode: int = 0o640,
         dir_mode: int = 0o750,
         frame_size: int = 1 << 20,
+        preallocate: int = 0,
     ) -> PartialWriter:
         """Start a partial object at ``path`` (not visible there before the first sync)."""
         path = Path(path)
@@ -516,6 +523,7 @@ class PartialWriter:
         tmp = fsio.temp_path(path)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, file_mode)
         writer = cls(path, sealer, codec, fd, tmp, frame_size)
+        writer._ahead = preallocate
         try:
             os.fchmod(fd, file_mode)
             writer._write([sealer.head])
@@ -545,7 +553,10 @@ class PartialWriter:
         """Make everything appended so far durable (the first call also publishes the file)."""
         self._check()
         try:
-            os.fsync(self._fd)
+            if self._allocated:
+                os.fdatasync(self._fd)  # the size and extents were made durable with the zeros
+            else:
+                os.fsync(self._fd)
             if not self._published:
                 self._tmp.replace(self.path)
                 self._published = True
@@ -592,6 +603,8 @@ class PartialWriter:
     def _write(self, parts: list[bytes]) -> None:
         view = memoryview(b"".join(parts))
         try:
+            if self._ahead and self._size + len(view) > self._allocated:
+                self._zero_fill(self._size + len(view) + self._ahead)
             done = 0
             while done < len(view):
                 done += os.pwrite(self._fd, view[done:], self._size + done)
@@ -601,6 +614,16 @@ class PartialWriter:
                 os.ftruncate(self._fd, self._size)  # leave no torn frame behind
             raise self._os_error(exc) from exc
         self._size += len(view)
+
+    def _zero_fill(self, end: int) -> None:
+        """Write zeros from the end of what is allocated to ``end``, and make them durable."""
+        start = max(self._allocated, self._size)
+        zeros = bytes(min(end - start, 1 << 20))
+        pos = start
+        while pos < end:
+            pos += os.pwrite(self._fd, memoryview(zeros)[: end - pos], pos)
+        os.fsync(self._fd)  # the new size and extents, once, not at every frame's sync
+        self._allocated = end
 
     def _os_error(self, exc: OSError) -> Exception:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
