@@ -143,9 +143,9 @@ def test_render_has_a_table_per_benchmark() -> None:
     assert "2 CPU (Test CPU), 24 GB RAM" in text
     assert "load average 0.5 at the start, 2.2 at the end" in text
     assert (
-        "| Klio, zstd-3 + AES-256-GCM | 100.0 | 1.00 | 0.25 | 200.0 | 80% | 40 | 2.00× |"
+        f"| {report.LABELS['klio_zstd_aes']} | 100.0 | 1.00 | 0.25 | 200.0 | 80% | 40 | 2.00× |"
     ) in text
-    assert "| Klio (`synchronous: true`) | 1200 | 20% | 1.20× |" in text
+    assert f"| {report.LABELS['klio']} | 1200 | 20% | 1.20× |" in text
     assert "| `klio wal-restore` (process) | 30.0 | 20.0 | — | 3.00× | 2.00× |" in text
     assert "| pg_receivewal | 50.0 | 2.00 | — | — | 25% | 100 | 1.00× (baseline) |" in text
     assert "(3 runs each)" in text
