@@ -28,6 +28,7 @@ from klio_basebackup.state import BackupMetrics
 from klio_common.catalog.backups import BackupManifest, new_backup_id
 from klio_common.catalog.wal import WalArchive
 from klio_common.pg.lsn import Lsn
+from klio_common.runtime.allocator import tune_allocator
 from klio_common.runtime.settings import Settings
 from klio_dev import PG_BIN
 
@@ -201,6 +202,7 @@ def klio_backup(settings: Settings) -> tuple[BackupManifest, dict[str, float]]:
         The committed manifest and ``{"seconds", "stream_seconds", "wal_wait_seconds",
         "commit_seconds", "cpu_seconds"}`` (from the request to the commit).
     """
+    tune_allocator()  # as klio-basebackup's process does at start (runtime.lifecycle)
     ctx = build_runners(settings, BackupMetrics())[CLUSTER].ctx
     began = time.perf_counter()
     cpu = _self_cpu()

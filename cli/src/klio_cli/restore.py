@@ -133,6 +133,7 @@ class ProgressBar:
 def restore_command(ns: argparse.Namespace) -> int:
     """Run ``klio restore``."""
     from klio_cli import output
+    from klio_common.runtime.allocator import tune_allocator
     from klio_restore.recovery import parse_target, wal_restore_command
     from klio_restore.restore import RestoreRequest, parse_tablespace_map, restore
 
@@ -160,6 +161,7 @@ def restore_command(ns: argparse.Namespace) -> int:
         tablespace_map=mapping,
     )
     bar = ProgressBar("restoring")
+    tune_allocator()  # chunk-sized buffers stay in the arenas (see klio_common.runtime.allocator)
     try:
         result = restore(ctx, request, progress=None if ns.json else bar)
     finally:

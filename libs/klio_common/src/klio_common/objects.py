@@ -183,11 +183,13 @@ def encode_object(
     keyring: KeyRing,
     frame_size: int = 1 << 20,
     extra: dict[str, str] | None = None,
+    plaintext_sha256: str | None = None,
 ) -> bytes:
     """Encode a complete object: header, then frames of ``frame_size`` plaintext bytes.
 
     With ``keyring.active`` set, each object gets a fresh data key wrapped by
-    the active master key; otherwise frames are stored unencrypted.
+    the active master key; otherwise frames are stored unencrypted. ``plaintext_sha256``
+    (hex) is the caller's own SHA-256 of ``plaintext``, when it has one: not computed again.
     """
     if not 0 < frame_size < 1 << 32:
         raise ValueError(f"frame_size {frame_size} is out of range")
@@ -202,7 +204,7 @@ def encode_object(
         codec=codec,
         keyring=keyring,
         size=len(view),
-        sha=hashlib.sha256(view).hexdigest(),
+        sha=plaintext_sha256 or hashlib.sha256(view).hexdigest(),
         extra=extra,
     )
     sealer = _Sealer(header, data_key)

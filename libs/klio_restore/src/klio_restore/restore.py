@@ -22,6 +22,7 @@ from klio_common.errors import CorruptObject, KlioError, NotFound
 from klio_common.objects import decode_object
 from klio_restore.backups import Chunks, open_catalog
 from klio_restore.context import ClusterContext
+from klio_restore.filewriter import FileWriter
 from klio_restore.recovery import (
     RecoveryTarget,
     check_archive_reach,
@@ -252,8 +253,11 @@ def materialise(
     *,
     jobs: int = DEFAULT_JOBS,
     progress: Progress | None = None,
+    direct: bool = True,
 ) -> tuple[int, int]:
-    """Create every directory and file of the backup; fetch, verify and pwrite chunks in parallel.
+    """Create every directory and file of the backup; fetch, verify and write chunks in parallel.
+
+    ``direct``: write around the page cache where the filesystem allows (see `filewriter`).
 
     Returns:
         (files written, bytes written).
@@ -279,7 +283,7 @@ def materialise(
             files.append((entry, dest))
     total = sum(entry.size for entry, _ in files)
     done = 0
-    for written in _run(chunks, _chunk_tasks(files, backup.chunk_size), max(1, jobs)):
+    for written in _run(chunks, _chunk_tasks(files, backup.chunk_size), max(1, jobs), direct):
         done += written
         if progress is not None:
             progress(done, total)
@@ -311,13 +315,14 @@ def _chunk_tasks(files: list[tuple[FileEntry, Path]], chunk_size: int) -> Iterat
             yield entry, dest, pieces[start : start + _TASK_CHUNKS]
 
 
-def _run(chunks: Chunks, tasks: Iterator[_Task], jobs: int) -> Iterator[int]:
+def _run(chunks: Chunks, tasks: Iterator[_Task], jobs: int, direct: bool) -> Iterator[int]:
     """Run tasks on ``jobs`` threads with a bounded queue; stop at the first failure."""
+    writer = FileWriter(direct=direct)
     with cf.ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="klio-restore") as pool:
         pending: set[cf.Future[int]] = set()
         try:
             for task in tasks:
-                pending.add(pool.submit(_write_pieces, chunks, *task))
+                pending.add(pool.submit(_write_pieces, chunks, writer, *task))
                 if len(pending) >= jobs * 2:
                     finished, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
                     for future in finished:
@@ -330,26 +335,21 @@ def _run(chunks: Chunks, tasks: Iterator[_Task], jobs: int) -> Iterator[int]:
             raise
 
 
-def _write_pieces(chunks: Chunks, entry: FileEntry, dest: Path, pieces: list[_Piece]) -> int:
-    fd = os.open(dest, os.O_WRONLY | os.O_CLOEXEC)
-    written = 0
-    try:
-        for offset, length, chunk_id in pieces:
-            data = read_chunk(chunks, chunk_id, source=f"file {entry.path} (offset {offset})")
-            if len(data) != length:
-                raise CorruptObject(
-                    f"file {entry.path}: chunk {chunk_id} at offset {offset} holds {len(data)} "
-                    f"bytes, expected {length}",
-                    hint="the manifest is damaged; do not use this backup",
-                )
-            view, at = memoryview(data), offset
-            while view:
-                n = os.pwrite(fd, view, at)
-                view, at = view[n:], at + n
-            written += length
-    finally:
-        os.close(fd)
-    return written
+def _write_pieces(
+    chunks: Chunks, writer: FileWriter, entry: FileEntry, dest: Path, pieces: list[_Piece]
+) -> int:
+    """Fetch and verify a task's chunks (contiguous in one file), then write them in one span."""
+    datas: list[bytes] = []
+    for offset, length, chunk_id in pieces:
+        data = read_chunk(chunks, chunk_id, source=f"file {entry.path} (offset {offset})")
+        if len(data) != length:
+            raise CorruptObject(
+                f"file {entry.path}: chunk {chunk_id} at offset {offset} holds {len(data)} "
+                f"bytes, expected {length}",
+                hint="the manifest is damaged; do not use this backup",
+            )
+        datas.append(data)
+    return writer.write(dest, pieces[0][0], datas) if pieces else 0
 
 
 def read_chunk(chunks: Chunks, chunk_id: str, *, source: str) -> bytes:

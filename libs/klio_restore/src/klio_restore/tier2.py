@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures as cf
-import hashlib
-import hmac
 import threading
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -14,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from klio_common.catalog.backups import BackupManifest, Lease
+from klio_common.catalog.chunks import holds, identify
 from klio_common.catalog.wal import ClusterIdentity
 from klio_common.crypto import KeyRing
 from klio_common.errors import CorruptObject, NotFound
@@ -252,10 +251,7 @@ class BucketChunks:
 
     def chunk_id(self, data: bytes | memoryview) -> str:
         """The id a chunk with this plaintext has."""
-        key = self._dedup_key()
-        if key is None:
-            return hashlib.sha256(data).hexdigest()
-        return hmac.new(key, data, hashlib.sha256).hexdigest()
+        return identify(self._dedup_key(), data)[0]
 
     def get(self, chunk_id: str, *, source: str = "") -> bytes:
         """The verified plaintext of a chunk.
@@ -275,7 +271,7 @@ class BucketChunks:
                 hint="the bucket's copy of this backup is incomplete; use Tier 1 or another backup",
             )
         header, data = decode_object(blob, self.keyring, source=f"{what}: bucket object {key}")
-        if header.name != chunk_id or self.chunk_id(data) != chunk_id:
+        if header.name != chunk_id or not holds(self._dedup_key(), chunk_id, data, header):
             raise CorruptObject(
                 f"{what}: bucket object {key} does not hold the content its id names",
                 hint="do not use this backup from the bucket; restore from Tier 1 or another "

@@ -25,7 +25,7 @@ from klio_common import fsio
 from klio_common.compression import Codec
 from klio_common.crypto import KeyRing
 from klio_common.errors import CorruptObject, NotFound
-from klio_common.objects import decode_object, encode_object
+from klio_common.objects import ObjectHeader, decode_object, encode_object
 
 DEFAULT_CHUNK_SIZE = 128 * 1024  # 16 PostgreSQL pages: small enough to dedupe in-place writes
 
@@ -94,11 +94,12 @@ class ChunkStore:
         return self._key
 
     def chunk_id(self, data: bytes | memoryview) -> str:
-        """The id of a chunk: keyed hash of its plaintext (plain SHA-256 without encryption)."""
-        key = self._dedup_key()
-        if key is None:
-            return hashlib.sha256(data).hexdigest()
-        return hmac.new(key, data, hashlib.sha256).hexdigest()
+        """The id of a chunk (see `identify`)."""
+        return self.identify(data)[0]
+
+    def identify(self, data: bytes | memoryview) -> tuple[str, str]:
+        """The id of a chunk and the SHA-256 of its plaintext (hex), from one pass over it."""
+        return identify(self._dedup_key(), data)
 
     def path(self, chunk_id: str) -> Path:
         """Where chunk ``chunk_id`` lives: one level of 256-way fan-out, so after the first few
@@ -107,8 +108,10 @@ class ChunkStore:
 
     # -- writes -------------------------------------------------------------------------------
 
-    def put(self, chunk_id: str, data: bytes | memoryview) -> int:
+    def put(self, chunk_id: str, data: bytes | memoryview, *, sha256: str | None = None) -> int:
         """Store a chunk (not fsynced: call `sync` before committing); return its stored size.
+
+        ``sha256``: the plaintext's SHA-256 (hex) from `identify`, so it is not computed again.
 
         Written in place, without a temporary file and rename: a chunk file is trusted only
         once a committed manifest references it (the backup service rewrites any other, and
@@ -117,7 +120,12 @@ class ChunkStore:
         the bytes of a complete file of the same id are the same.
         """
         blob = encode_object(
-            data, kind="chunk", name=chunk_id, codec=self.codec, keyring=self.keyring
+            data,
+            kind="chunk",
+            name=chunk_id,
+            codec=self.codec,
+            keyring=self.keyring,
+            plaintext_sha256=sha256,
         )
         path = self.path(chunk_id)
         try:
@@ -188,7 +196,7 @@ class ChunkStore:
                 hint="restore it from Tier 2 or take a new backup",
             ) from None
         header, data = decode_object(blob, self.keyring, source=what)
-        if header.name != chunk_id or self.chunk_id(data) != chunk_id:
+        if header.name != chunk_id or not holds(self._dedup_key(), chunk_id, data, header):
             raise CorruptObject(
                 f"{what} does not hold the content its id names",
                 hint="restore it from Tier 2 or take a new backup; do not use this chunk",
@@ -233,3 +241,35 @@ def _syncfs(fd: int) -> None:
     if libc.syncfs(fd) != 0:  # pragma: no cover - syncfs fails only on I/O errors
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def identify(key: bytes | None, data: bytes | memoryview) -> tuple[str, str]:
+    """A chunk's id and the SHA-256 of its plaintext (hex), hashing the plaintext once.
+
+    The id is the SHA-256 itself without a dedup key, else HMAC-SHA-256(dedup key, SHA-256):
+    as one-way and as keyed as an HMAC of the plaintext (whoever lacks the key cannot tell
+    which content an id names), and the object's header needs that SHA-256 anyway.
+    """
+    digest = hashlib.sha256(data).digest()
+    if key is None:
+        return digest.hex(), digest.hex()
+    return hmac.new(key, digest, hashlib.sha256).hexdigest(), digest.hex()
+
+
+def holds(key: bytes | None, chunk_id: str, data: bytes, header: ObjectHeader) -> bool:
+    """Whether a decoded chunk is the content ``chunk_id`` names.
+
+    ``header.plaintext_sha256`` has been checked against ``data`` by `decode_object`, so the
+    current id costs one HMAC of 32 bytes. Chunks written before 2026-11-25 are named by
+    HMAC-SHA-256(dedup key, plaintext): accepted too (one more pass over those only).
+    """
+    sha = header.plaintext_sha256 or ""
+    if key is None:
+        return sha == chunk_id
+    try:
+        digest = bytes.fromhex(sha)
+    except ValueError:
+        return False
+    if hmac.new(key, digest, hashlib.sha256).hexdigest() == chunk_id:
+        return True
+    return hmac.new(key, data, hashlib.sha256).hexdigest() == chunk_id

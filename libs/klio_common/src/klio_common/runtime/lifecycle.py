@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 from klio_common.errors import ConfigError, KlioError
 from klio_common.runtime import logs
+from klio_common.runtime.allocator import tune_allocator
 from klio_common.runtime.health import Health
 from klio_common.runtime.settings import ServiceSettings, Settings
 
@@ -231,4 +232,5 @@ def _entry(
     except KlioError as exc:
         logs.log_error(log, exc, f"cannot start {service_name}")
         return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILED
+    tune_allocator()
     return run_service(main, name=service_name, settings=service)

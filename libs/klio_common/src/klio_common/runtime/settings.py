@@ -130,7 +130,7 @@ class CompressionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
     algorithm: Literal["zstd", "none"] = "zstd"
     level: int = 3
     wal_level: int | None = 1  # WAL segments; None: ``level``
-    backup_level: int | None = None  # backup chunks; None: ``level``
+    backup_level: int | None = 1  # backup chunks; None: ``level``
 
     @property
     def wal(self) -> int:
