@@ -36,6 +36,10 @@ class Codec(Protocol):
         """
         ...
 
+    def checks_content(self, data: bytes | bytearray | memoryview) -> bool:
+        """Whether decompressing ``data`` (a compressed frame) verifies a checksum of the result."""
+        ...
+
 
 class _NoneCodec:
     """Stores data as is."""
@@ -50,9 +54,16 @@ class _NoneCodec:
             raise CorruptObject(f"uncompressed data has {len(data)} bytes, more than {max_size}")
         return bytes(data)
 
+    def checks_content(self, data: bytes | bytearray | memoryview) -> bool:
+        return False
+
+
+_ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
+
 
 class _ZstdCodec:
-    """Zstandard, one frame per call, with the content size in the frame header."""
+    """Zstandard, one frame per call, with the content size and an XXH64 checksum of the content
+    in the frame (checked by every decompression: a cheap end-to-end check of the codec)."""
 
     name = "zstd"
 
@@ -65,7 +76,9 @@ class _ZstdCodec:
     def _cctx(self) -> zstandard.ZstdCompressor:
         cctx: zstandard.ZstdCompressor | None = getattr(self._local, "cctx", None)
         if cctx is None:
-            cctx = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
+            cctx = zstandard.ZstdCompressor(
+                level=self.level, write_content_size=True, write_checksum=True
+            )
             self._local.cctx = cctx
         return cctx
 
@@ -79,6 +92,11 @@ class _ZstdCodec:
     def compress(self, data: bytes | bytearray | memoryview) -> bytes:
         result: bytes = self._cctx().compress(data)
         return result
+
+    def checks_content(self, data: bytes | bytearray | memoryview) -> bool:
+        # The frame header's descriptor byte follows the 4-byte magic; bit 2 is the
+        # Content_Checksum_flag (RFC 8878, 3.1.1.1.1). Frames written before 2026-11-25 lack it.
+        return len(data) > 4 and bytes(data[:4]) == _ZSTD_MAGIC and bool(data[4] & 0x04)
 
     def decompress(self, data: bytes | bytearray | memoryview, max_size: int) -> bytes:
         try:

@@ -7,22 +7,19 @@ removes what it wrote, so the directories are as empty as they were.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from klio_common.catalog.backups import BackupManifest, FileEntry
-from klio_common.catalog.chunks import ChunkStore
-from klio_common.errors import CorruptObject, KlioError, NotFound
-from klio_common.objects import decode_object
-from klio_restore.backups import Chunks, open_catalog
+from klio_common.catalog.backups import BackupManifest
+from klio_common.errors import KlioError
+from klio_restore.backups import open_catalog
 from klio_restore.context import ClusterContext
-from klio_restore.filewriter import FileWriter
+from klio_restore.pgdata import DEFAULT_JOBS, Progress, materialise
 from klio_restore.recovery import (
     RecoveryTarget,
     check_archive_reach,
@@ -30,12 +27,6 @@ from klio_restore.recovery import (
     recovery_settings,
     write_recovery,
 )
-
-Progress = Callable[[int, int], None]
-"""Called with (bytes written, bytes in total) as chunks land."""
-
-DEFAULT_JOBS = 4
-_TBLSPC = "pg_tblspc/"
 
 
 class RestoreError(KlioError):
@@ -229,158 +220,6 @@ def tablespace_locations(
         check_empty(dest, f"tablespace directory for {ts.oid}")
         locations[ts.oid] = dest
     return locations
-
-
-def _destination(path: str, pgdata: Path, locations: Mapping[int, Path]) -> Path | None:
-    """Where a backup member goes; None for ``pg_tblspc/<oid>`` (PostgreSQL makes that link)."""
-    if path.startswith(_TBLSPC):
-        oid_text, _, rest = path[len(_TBLSPC) :].partition("/")
-        if oid_text.isdigit() and int(oid_text) in locations:
-            return locations[int(oid_text)] / rest if rest else None
-    if path.startswith("/") or ".." in Path(path).parts:
-        raise CorruptObject(
-            f"backup member {path!r} points outside the data directory",
-            hint="the manifest is damaged or forged; do not use this backup",
-        )
-    return pgdata / path
-
-
-def materialise(
-    chunks: Chunks,
-    backup: BackupManifest,
-    pgdata: Path,
-    locations: Mapping[int, Path],
-    *,
-    jobs: int = DEFAULT_JOBS,
-    progress: Progress | None = None,
-    direct: bool = True,
-) -> tuple[int, int]:
-    """Create every directory and file of the backup; fetch, verify and write chunks in parallel.
-
-    ``direct``: write around the page cache where the filesystem allows (see `filewriter`).
-
-    Returns:
-        (files written, bytes written).
-    """
-    files: list[tuple[FileEntry, Path]] = []
-    for entry in sorted(backup.files, key=lambda e: e.path):
-        dest = _destination(entry.path, pgdata, locations)
-        if dest is None:
-            continue
-        if entry.type == "dir":
-            dest.mkdir(mode=0o700, parents=True, exist_ok=True)
-        elif entry.type == "link":
-            dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            dest.symlink_to(entry.link_target)
-        else:
-            dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                os.ftruncate(fd, entry.size)  # chunks then land in any order
-                os.fchmod(fd, (entry.mode & 0o7777) or 0o600)
-            finally:
-                os.close(fd)
-            files.append((entry, dest))
-    total = sum(entry.size for entry, _ in files)
-    done = 0
-    for written in _run(chunks, _chunk_tasks(files, backup.chunk_size), max(1, jobs), direct):
-        done += written
-        if progress is not None:
-            progress(done, total)
-    for entry, dest in files:
-        if entry.mtime:
-            os.utime(dest, (entry.mtime, entry.mtime))
-    return len(files), done
-
-
-_Piece = tuple[int, int, str]  # offset, length, chunk id
-_Task = tuple[FileEntry, Path, list[_Piece]]
-_TASK_CHUNKS = 32  # chunks per task: one open per 4 MiB, still enough tasks to share
-
-
-def _chunk_tasks(files: list[tuple[FileEntry, Path]], chunk_size: int) -> Iterator[_Task]:
-    for entry, dest in files:
-        expected = -(-entry.size // chunk_size)
-        if len(entry.chunks) != expected:
-            raise CorruptObject(
-                f"file {entry.path}: the manifest lists {len(entry.chunks)} chunks for "
-                f"{entry.size} bytes, expected {expected}",
-                hint="the manifest is damaged; do not use this backup",
-            )
-        pieces = [
-            (i * chunk_size, min(chunk_size, entry.size - i * chunk_size), chunk_id)
-            for i, chunk_id in enumerate(entry.chunks)
-        ]
-        for start in range(0, len(pieces), _TASK_CHUNKS):
-            yield entry, dest, pieces[start : start + _TASK_CHUNKS]
-
-
-def _run(chunks: Chunks, tasks: Iterator[_Task], jobs: int, direct: bool) -> Iterator[int]:
-    """Run tasks on ``jobs`` threads with a bounded queue; stop at the first failure."""
-    writer = FileWriter(direct=direct)
-    with cf.ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="klio-restore") as pool:
-        pending: set[cf.Future[int]] = set()
-        try:
-            for task in tasks:
-                pending.add(pool.submit(_write_pieces, chunks, writer, *task))
-                if len(pending) >= jobs * 2:
-                    finished, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                    for future in finished:
-                        yield future.result()
-            for future in cf.as_completed(pending):
-                yield future.result()
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            raise
-
-
-def _write_pieces(
-    chunks: Chunks, writer: FileWriter, entry: FileEntry, dest: Path, pieces: list[_Piece]
-) -> int:
-    """Fetch and verify a task's chunks (contiguous in one file), then write them in one span."""
-    datas: list[bytes] = []
-    for offset, length, chunk_id in pieces:
-        data = read_chunk(chunks, chunk_id, source=f"file {entry.path} (offset {offset})")
-        if len(data) != length:
-            raise CorruptObject(
-                f"file {entry.path}: chunk {chunk_id} at offset {offset} holds {len(data)} "
-                f"bytes, expected {length}",
-                hint="the manifest is damaged; do not use this backup",
-            )
-        datas.append(data)
-    return writer.write(dest, pieces[0][0], datas) if pieces else 0
-
-
-def read_chunk(chunks: Chunks, chunk_id: str, *, source: str) -> bytes:
-    """The verified plaintext of a chunk: `get`, without hashing a Tier-1 chunk a second time.
-
-    On Tier 1, `decode_object` has checked the plaintext against the SHA-256 in the header, and
-    the header names the chunk: without encryption that SHA-256 is the id itself; with encryption
-    every frame's tag binds the header (name included), and only the key's holder can write one.
-    So the keyed hash ``get`` recomputes (a third of a restore's CPU) proves nothing more here.
-
-    Raises:
-        NotFound: the chunk is missing.
-        CorruptObject: it fails its checks, or it is not the chunk its id names.
-    """
-    if not isinstance(chunks, ChunkStore):
-        return chunks.get(chunk_id, source=source)
-    what = f"chunk {chunk_id} of {source}"
-    try:
-        blob = chunks.path(chunk_id).read_bytes()
-    except FileNotFoundError:
-        raise NotFound(
-            f"{what} is missing from {chunks.dir}",
-            hint="restore it from Tier 2 or take a new backup",
-        ) from None
-    header, data = decode_object(blob, chunks.keyring, source=what)
-    if header.name != chunk_id or (header.key_id is None and header.plaintext_sha256 != chunk_id):
-        raise CorruptObject(
-            f"{what} does not hold the content its id names",
-            hint="restore it from Tier 2 or take a new backup; do not use this chunk",
-        )
-    return data
 
 
 def write_tablespace_map(pgdata: Path, locations: Mapping[int, Path]) -> None:
