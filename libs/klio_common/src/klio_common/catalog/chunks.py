@@ -180,8 +180,11 @@ class ChunkStore:
 
     # -- reads --------------------------------------------------------------------------------
 
-    def get(self, chunk_id: str, *, source: str = "") -> bytes:
+    def get(self, chunk_id: str, *, source: str = "", sealed_is_enough: bool = False) -> bytes:
         """The verified plaintext of a chunk.
+
+        ``sealed_is_enough``: see `decode_object` (a restore's bulk read). The id is checked
+        either way: from the header's SHA-256, which the AEAD tag vouches for when sealed.
 
         Raises:
             NotFound: the chunk is missing.
@@ -195,7 +198,9 @@ class ChunkStore:
                 f"{what} is missing from {self.dir}",
                 hint="restore it from Tier 2 or take a new backup",
             ) from None
-        header, data = decode_object(blob, self.keyring, source=what)
+        header, data = decode_object(
+            blob, self.keyring, source=what, sealed_is_enough=sealed_is_enough
+        )
         if header.name != chunk_id or not holds(self._dedup_key(), chunk_id, data, header):
             raise CorruptObject(
                 f"{what} does not hold the content its id names",
