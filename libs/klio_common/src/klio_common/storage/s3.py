@@ -16,6 +16,7 @@ from botocore.config import Config
 
 from klio_common.errors import KlioError, NotFound, Permanent, Retryable
 from klio_common.runtime.settings import S3Settings
+from klio_common.storage.signedput import SignedPut
 
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's minimum for every part but the last
 MAX_PARTS = 10_000
@@ -172,6 +173,8 @@ class S3Store:
         )
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
+        self._attempts = attempts
+        self._puts: SignedPut | None = None
 
     async def __aenter__(self) -> S3Store:
         await self.open()
@@ -193,10 +196,14 @@ class S3Store:
                 "s3", endpoint_url=self.settings.endpoint_url, verify=verify, config=self._config
             )
         )
+        self._puts = SignedPut(
+            self._client, self._config, self.bucket, verify=verify, attempts=self._attempts
+        )
+        self._stack.push_async_callback(self._puts.close)
 
     async def close(self) -> None:
         """Close the client's connections."""
-        self._client = None
+        self._client = self._puts = None
         await self._stack.aclose()
 
     # -- requests -------------------------------------------------------------------------------
@@ -207,17 +214,33 @@ class S3Store:
         try:
             return await getattr(self._client, op)(Bucket=self.bucket, **params)
         except (botocore.exceptions.BotoCoreError, aiohttp.ClientError, OSError) as exc:
-            if isinstance(exc, botocore.exceptions.NoCredentialsError):
-                raise BucketUnavailable(
-                    f"no S3 credentials found for bucket '{self.bucket}'", hint=_CREDENTIALS_HINT
-                ) from exc
-            raise BucketUnavailable(
-                f"bucket unreachable: {what}: cannot reach {self.endpoint}: {exc}",
-                hint="check tier2.s3.endpoint_url, the network and the endpoint's TLS settings",
-            ) from exc
+            raise self._unreachable(exc, what) from exc
         finally:
             if self._observer is not None:
                 self._observer(op, sent)
+
+    async def _put(self, key: str, data: bytes, headers: dict[str, str]) -> dict[str, str]:
+        """A PutObject through `SignedPut` (the upload hot path), with `_call`'s errors."""
+        if self._puts is None:
+            await self.open()
+        assert self._puts is not None
+        try:
+            return await self._puts.put(key, data, headers)
+        except (botocore.exceptions.BotoCoreError, aiohttp.ClientError, OSError) as exc:
+            raise self._unreachable(exc, f"uploading {key}") from exc
+        finally:
+            if self._observer is not None:
+                self._observer("put_object", len(data))
+
+    def _unreachable(self, exc: Exception, what: str) -> BucketUnavailable:
+        if isinstance(exc, botocore.exceptions.NoCredentialsError):
+            return BucketUnavailable(
+                f"no S3 credentials found for bucket '{self.bucket}'", hint=_CREDENTIALS_HINT
+            )
+        return BucketUnavailable(
+            f"bucket unreachable: {what}: cannot reach {self.endpoint}: {exc}",
+            hint="check tier2.s3.endpoint_url, the network and the endpoint's TLS settings",
+        )
 
     def _client_error(self, exc: botocore.exceptions.ClientError, what: str) -> KlioError:
         error = exc.response.get("Error", {})
@@ -277,27 +300,22 @@ class S3Store:
         Raises:
             BucketUnavailable: see `check`; Permanent: the request was refused otherwise.
         """
-        extra: dict[str, Any] = {}
+        headers = {
+            "If-None-Match": "*",
+            "x-amz-sdk-checksum-algorithm": "SHA256",
+            "x-amz-checksum-sha256": checksum or sha256_checksum(data),
+        }
         if md5 is not None:
-            extra["ContentMD5"] = base64.b64encode(md5).decode()
+            headers["Content-MD5"] = base64.b64encode(md5).decode()
+        for name, value in (metadata or {}).items():
+            headers[f"x-amz-meta-{name}"] = value
         try:
-            answer = await self._call(
-                "put_object",
-                f"uploading {key}",
-                len(data),
-                Key=key,
-                Body=data,
-                IfNoneMatch="*",
-                ChecksumAlgorithm="SHA256",
-                ChecksumSHA256=checksum or sha256_checksum(data),
-                Metadata=dict(metadata or {}),
-                **extra,
-            )
+            answer = await self._put(key, data, headers)
         except botocore.exceptions.ClientError as exc:
             if _precondition_failed(exc):
                 return None
             raise self._client_error(exc, f"uploading {key}") from exc
-        return Stored(etag=answer.get("ETag"), checksum_sha256=answer.get("ChecksumSHA256"))
+        return Stored(etag=answer.get("etag"), checksum_sha256=answer.get("x-amz-checksum-sha256"))
 
     async def put_multipart_if_absent(
         self,
