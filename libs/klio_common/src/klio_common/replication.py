@@ -19,6 +19,7 @@ from psycopg.pq.abc import PGconn, PGresult
 
 from klio_common.errors import KlioError, Permanent, Retryable, UnsupportedServer
 from klio_common.pg.lsn import Lsn
+from klio_common.sockwait import ReadWatch, wait_fd
 
 PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 in microseconds since the Unix epoch
 
@@ -121,6 +122,12 @@ class ReplicationConnection:
         self.conn = conn
         self.where = where
         self._loop = asyncio.get_running_loop()
+        self._watch: ReadWatch | None = None  # while streaming: see `wait_readable`
+
+    def _unwatch(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
 
     @classmethod
     async def connect(
@@ -154,7 +161,7 @@ class ReplicationConnection:
                         f"cannot connect to {where}: timed out after {timeout:.0f} s",
                         hint="check that PostgreSQL is reachable from here; retrying",
                     )
-                await _wait_fd(conn.socket, status == pq.PollingStatus.WRITING, remaining)
+                await wait_fd(conn.socket, status == pq.PollingStatus.WRITING, remaining)
         except BaseException:
             conn.finish()
             raise
@@ -173,18 +180,20 @@ class ReplicationConnection:
 
     def close(self) -> None:
         """Close the socket (no goodbye needed for a replication connection)."""
+        self._unwatch()
         self.conn.finish()
 
     async def _flush(self) -> None:
         while self.conn.flush() == 1:
-            await _wait_fd(self.conn.socket, True, None)
+            await wait_fd(self.conn.socket, True, None)
 
     async def _next_result(self) -> PGresult | None:
+        self._unwatch()  # one reader per socket: this wait registers its own
         while True:
             self.consume_input()
             if not self.conn.is_busy():
                 return self.conn.get_result()
-            await _wait_fd(self.conn.socket, False, None)
+            await wait_fd(self.conn.socket, False, None)
 
     async def command(self, sql: str) -> list[list[str | None]]:
         """Run a replication command; return its rows as text (the last result set's)."""
@@ -306,12 +315,15 @@ class ReplicationConnection:
     async def wait_readable(
         self, timeout: float | None, interrupt: asyncio.Future[object] | None = None
     ) -> None:
-        """Wait for data, ``timeout`` or ``interrupt``; then read what arrived."""
-        try:
-            await _wait_fd(self.conn.socket, False, timeout, interrupt)
-        except TimeoutError:
-            return
-        self.consume_input()
+        """Wait for data, ``timeout`` or ``interrupt``; then read what arrived.
+
+        The socket stays registered with the event loop from the first call until the stream
+        ends (`finish_copy`, `close`): one registration per stream, not per message.
+        """
+        if self._watch is None:
+            self._watch = ReadWatch(self.conn.socket)
+        if await self._watch.wait(timeout, interrupt):
+            self.consume_input()
 
     async def send_status(self, write: int, flush: int, reply: bool = False) -> None:
         """Send a standby status update ('r'): write/flush positions, apply unknown (0)."""
@@ -356,37 +368,3 @@ def _describe(conn: PGconn) -> str:
     except Exception:  # pragma: no cover - libpq always reports host/port after connect_start
         return "PostgreSQL"
     return f"PostgreSQL at {host}:{port}"
-
-
-async def _wait_fd(
-    fd: int, write: bool, timeout: float | None, interrupt: asyncio.Future[object] | None = None
-) -> None:
-    """Wait until ``fd`` is readable (or writable) or ``interrupt`` is done.
-
-    Raises:
-        TimeoutError: nothing happened within ``timeout``.
-    """
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    if write:
-        loop.add_writer(fd, ready)
-    else:
-        loop.add_reader(fd, ready)
-    try:
-        waiters: set[asyncio.Future[object]] = {fut}  # type: ignore[arg-type]
-        if interrupt is not None:
-            waiters.add(interrupt)
-        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if not done:
-            raise TimeoutError
-    finally:
-        fut.cancel()
-        if write:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from klio_common import fsio
+from klio_common import compression, fsio
 from klio_common.catalog.wal import StoredObject, WalArchive
 from klio_common.compression import Codec
 from klio_common.crypto import KeyRing
@@ -118,7 +118,7 @@ class SegmentWriter:
             part.path,
             kind="partial",
             name=part.seg.name if part.seg else "",
-            codec=self.codec,
+            codec=compression.fast(self.codec),
             keyring=self.keyring,
             file_mode=self.archive.file_mode,
             dir_mode=self.archive.dir_mode,
@@ -256,7 +256,7 @@ class SegmentWriter:
                 part.path,
                 kind="partial",
                 name=part.seg.name if part.seg else "",
-                codec=self.codec,
+                codec=compression.fast(self.codec),  # rewritten at self.codec's level on close
                 keyring=self.keyring,
                 file_mode=self.archive.file_mode,
                 dir_mode=self.archive.dir_mode,
