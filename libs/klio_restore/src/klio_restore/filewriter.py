@@ -74,7 +74,7 @@ class FileWriter:
             at = 0
             for piece in pieces:
                 n = min(len(piece), size - at)
-                buf[at : at + n] = piece[:n] if n < len(piece) else piece
+                buf[at : at + n] = memoryview(piece)[:n]
                 at += n
                 if at == size:
                     break

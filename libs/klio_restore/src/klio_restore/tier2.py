@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from klio_common.catalog.backups import BackupManifest, Lease
-from klio_common.catalog.chunks import holds, identify
+from klio_common.catalog.chunks import holds
 from klio_common.catalog.wal import ClusterIdentity
 from klio_common.crypto import KeyRing
 from klio_common.errors import CorruptObject, NotFound
@@ -248,10 +248,6 @@ class BucketChunks:
                     _, self._key = decode_object(data, self.keyring, source=source)
                 self._key_loaded = True
             return self._key
-
-    def chunk_id(self, data: bytes | memoryview) -> str:
-        """The id a chunk with this plaintext has."""
-        return identify(self._dedup_key(), data)[0]
 
     def get(self, chunk_id: str, *, source: str = "") -> bytes:
         """The verified plaintext of a chunk.
