@@ -151,13 +151,17 @@ def test_restore_from_archive_reaches_last_commit(
     assert restored.sql("SELECT count(*), sum(abalance) FROM pgbench_accounts")[0] == expected
 
 
+@pytest.mark.parametrize("synchronous", [False, True], ids=["async", "sync"])
 def test_kill_9_resumes_without_gap_or_rewrite(
     pg: Any,
     nats_server: Any,
     tier1_dir: Path,
     keyring_files: dict[str, Path],
     workdir: Path,
+    synchronous: bool,
 ) -> None:
+    # synchronous: the streaming thread (pump), a .partial per commit, segment switches that do
+    # not wait for the previous object
     config = write_config(
         workdir / "klio.yaml",
         pg=pg,
@@ -165,6 +169,7 @@ def test_kill_9_resumes_without_gap_or_rewrite(
         tier1=tier1_dir,
         keys=keyring_files,
         status_interval=0.2,
+        synchronous=synchronous,
     )
     settings = load(config)
     ref = start_pg_receivewal(pg, workdir / "ref")

@@ -111,7 +111,9 @@ class _Sealer:
         self.prefix = header.nonce_prefix
         self.cipher = crypto.data_cipher(data_key) if data_key is not None else None
 
-    def seal(self, index: int, flags: int, offset: int, size: int, payload: bytes) -> list[bytes]:
+    def seal(
+        self, index: int, flags: int, offset: int, size: int, payload: bytes | memoryview
+    ) -> list[bytes | memoryview]:
         """Return the parts of frame ``index`` holding ``size`` plaintext bytes at ``offset``."""
         if self.cipher is not None:
             nonce = self.prefix + _NONCE_INDEX.pack(index)
@@ -209,7 +211,7 @@ def encode_object(
         extra=extra,
     )
     sealer = _Sealer(header, data_key)
-    parts = [sealer.head]
+    parts: list[bytes | memoryview] = [sealer.head]
     for index, (start, payload) in enumerate(zip(starts, compressed, strict=True)):
         flags = FLAG_LAST if start + frame_size >= len(view) else 0
         size = min(frame_size, len(view) - start)
@@ -300,6 +302,9 @@ class _Opener:
                 break
             length, flags, offset, size = _FRAME.unpack_from(view, pos)
             end = pos + _FRAME_HEAD + length
+            if not length and not flags:  # only an empty object's (last) frame is empty:
+                error = _BadFrame(index, "is empty", pos, end)  # these are a partial's zeros
+                break
             if end > len(view):
                 error = _BadFrame(index, "is truncated", pos, end)
                 break
@@ -560,13 +565,47 @@ class PartialWriter:
         """Write ``data`` (plaintext at ``offset`` in the segment) as one or more frames."""
         self._check()
         view = memoryview(data).cast("B")
-        parts: list[bytes] = []
+        parts: list[bytes | memoryview] = []
         for start in range(0, len(view), self._frame_size):
             piece = view[start : start + self._frame_size]
             payload = self._codec.compress(piece)
             parts += self._sealer.seal(self._index, 0, offset + start, len(piece), payload)
             self._index += 1
         self._write(parts)
+
+    def append_sync(self, offset: int, data: memoryview) -> None:
+        """`append` then `sync`: a synchronous standby's per-commit path, kept short.
+
+        One frame, one ``pwritev`` into the zero-filled space, one ``fdatasync``; anything else
+        (a first sync, a frame to split, zeros to add) takes the general path.
+        """
+        sealer, size = self._sealer, len(data)
+        if (
+            size > self._frame_size
+            or not self._published
+            or self._closed
+            or self._failed
+            or self._codec.name != "none"
+            or sealer.cipher is None
+        ):
+            self.append(offset, data)
+            self.sync()
+            return
+        parts = sealer.seal(self._index, 0, offset, size, data)
+        length = len(parts[0]) + len(parts[1]) + len(parts[2])
+        if self._size + length > self._allocated:
+            self.append(offset, data)
+            self.sync()
+            return
+        try:
+            if os.pwritev(self._fd, parts, self._size) != length:
+                raise OSError(errno.EIO, "short write")
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            self._failed = True  # after a failed write or fsync the file's state is unknown
+            raise self._os_error(exc) from exc
+        self._index += 1
+        self._size += length
 
     def sync(self) -> None:
         """Make everything appended so far durable (the first call also publishes the file)."""
@@ -583,6 +622,21 @@ class PartialWriter:
         except OSError as exc:
             self._failed = True  # after a failed fsync the page cache state is unknown
             raise self._os_error(exc) from exc
+
+    def reserve(self) -> None:
+        """Zero-fill the ``preallocate`` bytes now (and fsync), not at the first append."""
+        self._check()
+        if self._ahead and not self._allocated:
+            try:
+                self._zero_fill(self._size + self._ahead)
+            except OSError as exc:
+                self._failed = True
+                raise self._os_error(exc) from exc
+
+    def abandon(self) -> None:
+        """Close without publishing: a writer never synced leaves no file behind."""
+        if not self._closed:
+            self._discard()
 
     def close(self) -> None:
         """Sync, then close the file."""
@@ -619,7 +673,7 @@ class PartialWriter:
             state = "closed" if self._closed else "failed earlier"
             raise KlioError(f"partial writer for {self.path} is {state}; create a new one")
 
-    def _write(self, parts: list[bytes]) -> None:
+    def _write(self, parts: list[bytes | memoryview]) -> None:
         view = memoryview(b"".join(parts))
         try:
             if self._ahead and self._size + len(view) > self._allocated:

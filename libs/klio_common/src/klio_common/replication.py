@@ -183,6 +183,15 @@ class ReplicationConnection:
         self._unwatch()
         self.conn.finish()
 
+    def detach(self) -> PGconn:
+        """The libpq connection, for a caller that drives the COPY on a thread of its own.
+
+        The loop stops watching the socket; until the caller is done, only it may use the
+        connection, and only with non-blocking calls (pitfall P1).
+        """
+        self._unwatch()
+        return self.conn
+
     async def _flush(self) -> None:
         while self.conn.flush() == 1:
             await wait_fd(self.conn.socket, True, None)

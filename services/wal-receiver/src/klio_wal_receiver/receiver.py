@@ -7,6 +7,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from klio_common.catalog.wal import WalArchive
 from klio_common.errors import KlioError, Permanent, Retryable
@@ -23,6 +24,7 @@ from klio_common.replication import (
 )
 from klio_common.runtime.settings import ClusterSettings
 from klio_wal_receiver.announcer import Announcer
+from klio_wal_receiver.pump import SyncPump
 from klio_wal_receiver.segments import SegmentWriter
 from klio_wal_receiver.state import ReceiverState
 
@@ -60,6 +62,7 @@ class ClusterReceiver:
         self.state = state
         self.password = password
         self.writer: SegmentWriter | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"klio-pump-{cluster.name}")
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stream until ``stop``; every failure is logged and retried with backoff."""
@@ -93,6 +96,7 @@ class ClusterReceiver:
             except TimeoutError:
                 pass
         self.state.stopped()
+        self._thread.shutdown(wait=True)
 
     async def _release(self) -> None:
         if self.writer is not None:
@@ -163,28 +167,38 @@ class ClusterReceiver:
 
     def _archive_position(self, seg_size: int) -> tuple[int, int] | None:
         """(timeline, LSN) where the archive ends, or None when it is empty."""
+        assert self.writer is not None
         opened = (
             [p for p in self.archive.open_dir.glob("*.partial")]
             if (self.archive.open_dir.is_dir())
             else []
         )
         segs = self.archive.list_segments(seg_size)
+        found: tuple[int, int] | None = None
         for path in sorted(opened, reverse=True):
             seg = WalSegment.parse(path.name.removesuffix(".partial"), seg_size)
             if self.archive.segment_path(seg.name).exists():
                 path.unlink()  # a crash after closing the segment, before removing its partial
-                continue
-            return seg.timeline, seg.start_lsn
-        if segs:
+            elif found is None:
+                found = seg.timeline, seg.start_lsn
+            elif not self.writer.recover(path, seg):
+                log.error(
+                    "cluster %s: %s is incomplete and older than the open segment; it is kept "
+                    "for inspection and the archive may have a gap there",
+                    self.cluster.name,
+                    path,
+                )
+        if found is None and segs:
             last = segs[-1]
             return last.timeline, last.end_lsn
-        return None
+        return found
 
     async def _stream(self, conn: ReplicationConnection, stop: asyncio.Event) -> None:
         seg_size, server_tli, xlogpos = await self._prepare(conn)
         slot_lsn, slot_tli = await self._slot(conn)
         await self._archive_histories(conn, server_tli)
         self.announcer.reconcile(seg_size)
+        self.writer = self.make_writer(seg_size)
         position = self._archive_position(seg_size)
         if position is None:
             tli, start = slot_tli or server_tli, slot_lsn or xlogpos
@@ -198,7 +212,6 @@ class ClusterReceiver:
                     "the current primary",
                 )
         start -= start % seg_size
-        self.writer = self.make_writer(seg_size)
         while not stop.is_set():
             try:
                 ended = await self._replicate(conn, stop, tli, start, seg_size)
@@ -280,20 +293,16 @@ class ClusterReceiver:
             writer.open(WalSegment.from_lsn(tli, start, seg_size), resume=True)
         await conn.start_replication(self.cluster.slot, start, tli)
         self.state.streaming(tli)
-        sync = self.cluster.synchronous
+        if self.cluster.synchronous:
+            return await self._pump(conn, stop)
         interval = self.cluster.status_interval
         last_flush = last_status = time.monotonic()
         reported = -1
         stop_wait: asyncio.Future[object] = asyncio.ensure_future(stop.wait())
-        waited = True  # the socket was just waited on, so consume_input already ran
         try:
             while not stop.is_set():
                 reply = False
                 try:
-                    if not waited:
-                        # WAL that arrived during the fsync: take it without a trip through the
-                        # event loop (a synchronous standby's commit latency is this loop's length)
-                        conn.consume_input()
                     while (msg := conn.read_message()) is not None:
                         if isinstance(msg, XLogData):
                             await writer.write(msg.start, msg.data)
@@ -301,28 +310,46 @@ class ClusterReceiver:
                         elif isinstance(msg, Keepalive):
                             self.state.server_lsn = max(self.state.server_lsn, msg.wal_end)
                             reply = reply or msg.reply_requested
-                        waited = True
                 except StreamEnded:
                     await writer.flush()
                     return await conn.finish_copy()
                 writer.poll()
                 now = time.monotonic()
-                if (sync and writer.received > writer.durable) or now - last_flush >= interval:
-                    await writer.flush(inline=sync)
+                if now - last_flush >= interval:
+                    await writer.flush()
                     last_flush = now
                 if reply or writer.durable != reported or now - last_status >= interval:
                     await conn.send_status(int(writer.received), int(writer.durable))
                     reported, last_status = int(writer.durable), now
                     self.state.flushed(int(writer.durable), int(writer.received))
-                if waited:
-                    waited = False  # look once more before sleeping
-                    continue
                 timeout = max(0.05, min(last_flush, last_status) + interval - now)
                 await conn.wait_readable(timeout, stop_wait)
-                waited = True
             await writer.flush()
             await conn.send_status(int(writer.received), int(writer.durable))
             self.state.flushed(int(writer.durable), int(writer.received))
             return None
         finally:
             stop_wait.cancel()
+
+    async def _pump(self, conn: ReplicationConnection, stop: asyncio.Event) -> StreamEnded | None:
+        """Stream as a synchronous standby on a thread of its own (see `pump.SyncPump`)."""
+        writer = self.writer
+        assert writer is not None
+        pump = SyncPump(conn, writer, self.state, self.cluster.status_interval)
+        watcher = asyncio.ensure_future(stop.wait())
+        watcher.add_done_callback(lambda _: pump.stop())
+        done = asyncio.get_running_loop().run_in_executor(self._thread, pump.run)
+        try:
+            ended = await done
+        finally:
+            watcher.cancel()
+            pump.stop()
+            await asyncio.wait([done])  # the thread must be out before anything else runs
+            pump.close()
+        if ended:
+            await writer.flush()
+            return await conn.finish_copy()
+        await writer.flush()
+        await conn.send_status(int(writer.received), int(writer.durable))
+        self.state.flushed(int(writer.durable), int(writer.received))
+        return None

@@ -10,6 +10,7 @@ thread really runs beside the receive loop on the other core.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,12 +21,12 @@ from klio_common import compression, fsio
 from klio_common.catalog.wal import StoredObject, WalArchive
 from klio_common.compression import Codec
 from klio_common.crypto import KeyRing
-from klio_common.errors import ConflictError
+from klio_common.errors import ConflictError, KlioError
 from klio_common.objects import PartialWriter, read_partial
 from klio_common.pg.lsn import Lsn
 from klio_common.pg.walname import WalSegment
 
-PREALLOCATE = 4 << 20  # zeros kept ahead of a synchronous standby's frames (one fsync per 4 MiB)
+PREALLOCATE_MARGIN = 1 << 20  # a synchronous standby's .partial: a segment of zeros, and this
 MAX_PENDING_CLOSES = 4  # bounded memory: each pending close holds one segment's plaintext
 
 
@@ -61,10 +62,19 @@ class SegmentWriter:
         seg_size: int,
         on_closed: Callable[[ClosedSegment], None],
         *,
-        preallocate: int = 0,
+        synchronous: bool = False,
     ) -> None:
         self.archive = archive
-        self.preallocate = preallocate
+        # A synchronous standby appends a frame per commit, and a COMMIT waits for each: its
+        # frames are not compressed (zstd costs more CPU on a few KiB than it saves, and the
+        # segment's object is compressed when it closes) and its .partial is zero-filled to a
+        # whole segment up front, as pg_receivewal pads its files, so each sync is a data-only
+        # fdatasync (see PartialWriter).
+        self.synchronous = synchronous
+        self.partial_codec = compression.get("none") if synchronous else compression.fast(codec)
+        self.preallocate = seg_size + PREALLOCATE_MARGIN if synchronous else 0
+        self._prepared: tuple[WalSegment, Future[PartialWriter]] | None = None
+        self._lock = threading.Lock()  # `durable` moves forward from two threads
         self.keyring = keyring
         self.codec = codec
         self.seg_size = seg_size
@@ -72,14 +82,15 @@ class SegmentWriter:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"klio-wal-{archive.cluster}")
         self._jobs: deque[Future[None]] = deque()
         self.seg: WalSegment | None = None
+        self._base = 0  # the open segment's first LSN
         self._buf = bytearray()
         self._spare: list[bytearray] = []  # recycled segment buffers: no page faults per segment
         self._received = 0  # bytes of the open segment received (contiguous from offset 0)
         self._submitted = 0  # bytes of the open segment handed to the worker for the .partial
         self._verify_until = 0  # bytes already durable from an earlier run: must match exactly
         self._part = _Partial(None, Path())
-        self.durable = Lsn(0)  # everything below is fsynced in the archive
-        self.received = Lsn(0)  # everything below has been received
+        self.durable = 0  # LSN: everything below is fsynced in the archive
+        self.received = 0  # LSN: everything below has been received
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -94,10 +105,19 @@ class SegmentWriter:
         are loaded; the re-received bytes must match them, and the durable position starts there.
         """
         self.seg = seg
+        self._base = int(seg.start_lsn)
         self._buf = self._spare.pop() if self._spare else bytearray(self.seg_size)
         self._received = self._submitted = self._verify_until = 0
         self._part = _Partial(seg, self.partial_path(seg))
-        self.received = Lsn(seg.start_lsn)
+        self.received = seg.start_lsn
+        if self.synchronous:
+            writer = self._take_prepared(seg)
+            if writer is not None and resume:
+                writer.abandon()  # the .partial left by the earlier run is rewritten instead
+            elif writer is not None:
+                self._part.writer = writer
+            nxt = seg.next()  # its .partial is created and zero-filled while this one fills
+            self._prepared = (nxt, self._pool.submit(self._new_partial_writer, nxt, True))
         if not resume:
             return
         path = self._part.path
@@ -108,73 +128,122 @@ class SegmentWriter:
             self._buf[:valid_end] = plain[:valid_end]
             self._verify_until = self._submitted = valid_end
             self._rewrite_partial(valid_end)
-        self.durable = Lsn(seg.start_lsn + valid_end)
+        self.durable = seg.start_lsn + valid_end
 
     def _rewrite_partial(self, length: int) -> None:
         # A resumed partial gets a new data key (never reuse key+nonce after a torn frame); the
         # writer builds it under a temp name and its first sync replaces the old file atomically.
         part = self._part
-        writer = PartialWriter.create(
-            part.path,
-            kind="partial",
-            name=part.seg.name if part.seg else "",
-            codec=compression.fast(self.codec),
-            keyring=self.keyring,
-            file_mode=self.archive.file_mode,
-            dir_mode=self.archive.dir_mode,
-            preallocate=self.preallocate,
-        )
+        assert part.seg is not None
+        writer = self._new_partial_writer(part.seg)
         if length:
             writer.append(0, memoryview(self._buf)[:length])
         writer.sync()
         part.writer = writer
 
-    def stale_partials(self) -> list[Path]:
-        """Open partials left by an earlier run (normally at most one)."""
-        if not self.archive.open_dir.is_dir():
-            return []
-        return sorted(p for p in self.archive.open_dir.iterdir() if p.name.endswith(".partial"))
+    def _new_partial_writer(self, seg: WalSegment, reserve: bool = False) -> PartialWriter:
+        writer = PartialWriter.create(
+            self.partial_path(seg),
+            kind="partial",
+            name=seg.name,
+            codec=self.partial_codec,  # rewritten at self.codec's level on close
+            keyring=self.keyring,
+            file_mode=self.archive.file_mode,
+            dir_mode=self.archive.dir_mode,
+            preallocate=self.preallocate,
+        )
+        if reserve:
+            writer.reserve()
+        return writer
+
+    def _take_prepared(self, seg: WalSegment) -> PartialWriter | None:
+        """The writer prepared for ``seg`` on the worker (waited for), or None."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is None:
+            return None
+        if prepared[0] != seg:
+            prepared[1].add_done_callback(_abandon)
+            return None
+        try:
+            return prepared[1].result()
+        except (KlioError, OSError):
+            return None  # created on first use instead, where the error is reported
+
+    def recover(self, path: Path, seg: WalSegment) -> bool:
+        """Close a complete ``.partial`` left behind the open one into the segment's object.
+
+        A synchronous standby starts the next segment while the worker still writes the full
+        one's object (its bytes are durable in its ``.partial``); a crash in between leaves
+        both. Returns False, changing nothing, when ``path`` does not hold the whole segment.
+        """
+        _, plain, valid_end = read_partial(path, self.keyring, source=f"open segment {path}")
+        if valid_end < self.seg_size:
+            return False
+        stored = self.archive.store_segment(
+            seg.name, memoryview(plain)[: self.seg_size], codec=self.codec, keyring=self.keyring
+        )
+        path.unlink()
+        fsio.fsync_dir(path.parent)
+        self.on_closed(ClosedSegment(seg.name, seg, seg.start_lsn, seg.end_lsn, stored, False))
+        return True
 
     # -- receiving ----------------------------------------------------------------------------
 
     async def write(self, start: int, data: memoryview) -> None:
         """Place WAL bytes that begin at LSN ``start``; closes segments as they fill."""
         while data:
-            seg = self.seg
-            assert seg is not None, "open() a segment first"
-            offset = start - seg.start_lsn
-            if offset != self._received:
-                raise ConflictError(
-                    f"replication stream jumped from {Lsn(seg.start_lsn + self._received)} "
-                    f"to {Lsn(start)} in segment {seg.name}",
-                    hint="this is a server or protocol error; the receiver will reconnect",
-                )
-            take = min(len(data), self.seg_size - offset)
-            piece = data[:take]
-            if offset < self._verify_until:
-                upto = min(take, self._verify_until - offset)
-                if self._buf[offset : offset + upto] != piece[:upto]:
-                    raise ConflictError(
-                        f"WAL received for {seg.name} at {Lsn(start)} differs from the bytes "
-                        "already archived",
-                        hint="split brain or a different cluster behind the same conninfo; the "
-                        "archived bytes were kept; investigate before going on",
-                    )
-            self._buf[offset : offset + take] = piece
-            self._received += take
-            start += take
-            data = data[take:]
-            self.received = Lsn(start)
+            start, data = self._place(start, data)
             if self._received == self.seg_size:
-                await self._close_full()
+                while len(self._jobs) >= MAX_PENDING_CLOSES:
+                    await asyncio.wrap_future(self._jobs[0])
+                    self.poll()
+                self._close_full()
 
-    async def _close_full(self) -> None:
+    def put(self, start: int, data: memoryview) -> None:
+        """`write` for the streaming thread (`pump.SyncPump`): waits for the worker by blocking."""
+        while data:
+            start, data = self._place(start, data)
+            if self._received == self.seg_size:
+                while len(self._jobs) >= MAX_PENDING_CLOSES:
+                    self._jobs[0].result()
+                    self.poll()
+                self._close_full()
+
+    def _place(self, start: int, data: memoryview) -> tuple[int, memoryview]:
+        """Copy what of ``data`` fits in the open segment; return where the rest starts, and it."""
+        seg = self.seg
+        assert seg is not None, "open() a segment first"
+        offset = start - self._base
+        if offset != self._received:
+            raise ConflictError(
+                f"replication stream jumped from {Lsn(seg.start_lsn + self._received)} "
+                f"to {Lsn(start)} in segment {seg.name}",
+                hint="this is a server or protocol error; the receiver will reconnect",
+            )
+        take = min(len(data), self.seg_size - offset)
+        if offset < self._verify_until:
+            upto = min(take, self._verify_until - offset)
+            if self._buf[offset : offset + upto] != data[:upto]:
+                raise ConflictError(
+                    f"WAL received for {seg.name} at {Lsn(start)} differs from the bytes "
+                    "already archived",
+                    hint="split brain or a different cluster behind the same conninfo; the "
+                    "archived bytes were kept; investigate before going on",
+                )
+        end = offset + take
+        self._buf[offset:end] = data[:take] if take < len(data) else data
+        self._received = end
+        self.received = start + take
+        return start + take, data[take:]
+
+    def _close_full(self) -> None:
         seg = self.seg
         assert seg is not None
         buf, part = self._buf, self._part
-        while len(self._jobs) >= MAX_PENDING_CLOSES:
-            await asyncio.wrap_future(self._jobs[0])
-            self.poll()
+        if self.synchronous and self._submitted < self.seg_size:
+            # The tail goes into the .partial now, so the next segment's commits never wait for
+            # this one's object (compressed and encrypted on the worker meanwhile).
+            self._append_job(part, buf, self._submitted, self.seg_size)
         self._submit(lambda: self._close_job(seg, buf, part, partial=False, end=seg.end_lsn))
         self.open(seg.next())
 
@@ -210,7 +279,7 @@ class SegmentWriter:
             fsio.fsync_dir(path.parent)
         closed = ClosedSegment(name, seg, seg.start_lsn, end, stored, partial)
         self.on_closed(closed)
-        self.durable = Lsn(max(self.durable, end))
+        self._advance(end)
         if len(self._spare) < 2:
             self._spare.append(buf)  # no job refers to it any more: the next segment reuses it
 
@@ -224,22 +293,27 @@ class SegmentWriter:
         while self._jobs and self._jobs[0].done():
             self._jobs.popleft().result()
 
-    async def flush(self, *, inline: bool = False) -> Lsn:
-        """Make everything received durable (append to the ``.partial`` and fsync); return it.
-
-        With ``inline`` (synchronous standby: a COMMIT waits for this) and nothing queued for the
-        worker, the append and fsync run right here, saving two thread hand-offs per commit.
-        """
-        seg = self.seg
-        if seg is not None and self._received > self._submitted:
+    async def flush(self) -> int:
+        """Make everything received durable (append to the ``.partial`` and fsync); return it."""
+        if self.seg is not None and self._received > self._submitted:
             lo, hi = self._submitted, self._received
             self._submitted = hi
             buf, part = self._buf, self._part
-            if inline and not self._jobs:
-                self._append_job(part, buf, lo, hi)
-            else:
-                self._submit(lambda: self._append_job(part, buf, lo, hi))
+            self._submit(lambda: self._append_job(part, buf, lo, hi))
         await self.drain()
+        return self.durable
+
+    def flush_here(self) -> int:
+        """`flush` for a synchronous standby's streaming thread (`pump.SyncPump`).
+
+        The append and fsync run right here, on the open segment's own ``.partial``: the worker
+        only closes earlier segments and prepares the next one, so nothing waits for it.
+        """
+        self.poll()
+        if self.seg is not None and self._received > self._submitted:
+            lo, hi = self._submitted, self._received
+            self._submitted = hi
+            self._append_job(self._part, self._buf, lo, hi)
         return self.durable
 
     async def drain(self) -> None:
@@ -251,26 +325,30 @@ class SegmentWriter:
     def _append_job(self, part: _Partial, buf: bytearray, lo: int, hi: int) -> None:
         if part.closed:
             return  # the segment was closed meanwhile: its object holds these bytes
-        if part.writer is None:
-            part.writer = PartialWriter.create(
-                part.path,
-                kind="partial",
-                name=part.seg.name if part.seg else "",
-                codec=compression.fast(self.codec),  # rewritten at self.codec's level on close
-                keyring=self.keyring,
-                file_mode=self.archive.file_mode,
-                dir_mode=self.archive.dir_mode,
-                preallocate=self.preallocate,
-            )
-        part.writer.append(lo, memoryview(buf)[lo:hi])
-        part.writer.sync()
         assert part.seg is not None
-        self.durable = Lsn(max(self.durable, part.seg.start_lsn + hi))
+        if part.writer is None:
+            part.writer = self._new_partial_writer(part.seg)
+        part.writer.append_sync(lo, memoryview(buf)[lo:hi])
+        self._advance(part.seg.start_lsn + hi)
+
+    def _advance(self, lsn: int) -> None:
+        with self._lock:
+            if lsn > self.durable:
+                self.durable = lsn
 
     def close(self) -> None:
         """Stop the worker (pending jobs finish first)."""
         self._pool.shutdown(wait=True)
         self._part.close()
+        if self._prepared is not None:
+            _abandon(self._prepared[1])
+            self._prepared = None
+
+
+def _abandon(prepared: Future[PartialWriter]) -> None:
+    """Remove a prepared writer's unpublished file (it was never used)."""
+    if prepared.exception() is None:
+        prepared.result().abandon()
 
 
 class _Partial:

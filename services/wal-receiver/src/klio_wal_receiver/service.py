@@ -16,7 +16,7 @@ from klio_common.runtime.outbox import Outbox
 from klio_common.runtime.settings import Settings
 from klio_wal_receiver.announcer import Announcer
 from klio_wal_receiver.receiver import ClusterReceiver
-from klio_wal_receiver.segments import PREALLOCATE, SegmentWriter
+from klio_wal_receiver.segments import SegmentWriter
 from klio_wal_receiver.state import ReceiverMetrics, ReceiverState
 
 log = logging.getLogger("klio.wal_receiver")
@@ -57,14 +57,13 @@ async def main(settings: Settings, stop: asyncio.Event, health: Health) -> None:
         wake = asyncio.Event()
         announcer = Announcer(archive, outbox, keyring, codec, state, _waker(loop, wake))
 
-        # A synchronous standby's .partial is zero-filled ahead, so each commit's sync is a
-        # data-only fdatasync (see PartialWriter).
-        ahead = PREALLOCATE if cluster.synchronous else 0
-
         def make_writer(
-            seg_size: int, a: WalArchive = archive, an: Announcer = announcer, ahead: int = ahead
+            seg_size: int,
+            a: WalArchive = archive,
+            an: Announcer = announcer,
+            sync: bool = cluster.synchronous,
         ) -> SegmentWriter:
-            return SegmentWriter(a, keyring, codec, seg_size, an.closed, preallocate=ahead)
+            return SegmentWriter(a, keyring, codec, seg_size, an.closed, synchronous=sync)
 
         receiver = ClusterReceiver(
             cluster, archive, make_writer, announcer, state, cluster.password()
