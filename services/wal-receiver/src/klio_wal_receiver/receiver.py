@@ -299,10 +299,15 @@ class ClusterReceiver:
         last_flush = last_status = time.monotonic()
         reported = -1
         stop_wait: asyncio.Future[object] = asyncio.ensure_future(stop.wait())
+        waited = True  # the socket was just waited on, so consume_input already ran
         try:
             while not stop.is_set():
                 reply = False
                 try:
+                    if not waited:
+                        # WAL that arrived meanwhile: take it without a trip through the event
+                        # loop (catching up, there always is some)
+                        conn.consume_input()
                     while (msg := conn.read_message()) is not None:
                         if isinstance(msg, XLogData):
                             await writer.write(msg.start, msg.data)
@@ -310,6 +315,7 @@ class ClusterReceiver:
                         elif isinstance(msg, Keepalive):
                             self.state.server_lsn = max(self.state.server_lsn, msg.wal_end)
                             reply = reply or msg.reply_requested
+                        waited = True
                 except StreamEnded:
                     await writer.flush()
                     return await conn.finish_copy()
@@ -322,8 +328,12 @@ class ClusterReceiver:
                     await conn.send_status(int(writer.received), int(writer.durable))
                     reported, last_status = int(writer.durable), now
                     self.state.flushed(int(writer.durable), int(writer.received))
+                if waited:
+                    waited = False  # look once more before sleeping
+                    continue
                 timeout = max(0.05, min(last_flush, last_status) + interval - now)
                 await conn.wait_readable(timeout, stop_wait)
+                waited = True
             await writer.flush()
             await conn.send_status(int(writer.received), int(writer.durable))
             self.state.flushed(int(writer.durable), int(writer.received))

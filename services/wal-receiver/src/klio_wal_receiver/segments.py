@@ -26,7 +26,7 @@ from klio_common.objects import PartialWriter, read_partial
 from klio_common.pg.lsn import Lsn
 from klio_common.pg.walname import WalSegment
 
-PREALLOCATE_MARGIN = 1 << 20  # a synchronous standby's .partial: a segment of zeros, and this
+PREALLOCATE_MARGIN = 1 << 20  # zeros beyond a segment in a synchronous .partial (frame overhead)
 MAX_PENDING_CLOSES = 4  # bounded memory: each pending close holds one segment's plaintext
 
 
