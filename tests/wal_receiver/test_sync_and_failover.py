@@ -165,3 +165,37 @@ def test_follows_promoted_standby_onto_timeline_2(
     restored.start()
     wait_until(lambda: restored.sql("SELECT NOT pg_is_in_recovery()")[0][0], 120, "promotion")
     assert restored.sql("SELECT count(*), max(tli) FROM marker")[0] == (200, 2)
+
+
+def test_synchronous_receiver_rides_out_a_primary_restart(
+    pg: Any, nats_server: Any, tier1_dir: Path, keyring_files: dict[str, Path], workdir: Path
+) -> None:
+    # A shutdown ends the COPY from the server's side (CopyDone): the streaming thread hands the
+    # stream back to the loop, which answers, reconnects with backoff and resumes where it was.
+    config = write_config(
+        workdir / "klio.yaml",
+        pg=pg,
+        nats_url=nats_server.url,
+        tier1=tier1_dir,
+        keys=keyring_files,
+        synchronous=True,
+        status_interval=0.2,
+    )
+    settings = load(config)
+    with receiver_inprocess(settings):
+        pg.execute("CREATE TABLE r (v int)")
+        pg.execute("INSERT INTO r SELECT g FROM generate_series(1, 1000) g")
+        wait_archived(settings, pg.current_lsn())
+        pg.stop("fast")
+        pg.start()
+        pg.execute("INSERT INTO r SELECT g FROM generate_series(1001, 2000) g")
+        end = pg.current_lsn()
+        pg.switch_wal()
+        wait_closed(settings, end)
+    archive = archive_of(settings)
+    numbers = [s.segno for s in archive.list_segments()]
+    assert numbers == list(range(numbers[0], numbers[-1] + 1)), "gap in the archive"
+    verify = subprocess.run(
+        [str(KLIO), "--config", str(config), "wal", "verify"], capture_output=True, check=False
+    )
+    assert verify.returncode == 0, verify.stdout.decode() + verify.stderr.decode()
