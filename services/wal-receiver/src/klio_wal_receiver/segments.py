@@ -2,9 +2,12 @@
 
 Durability rule: the position reported as flushed to the primary (which advances the slot) is never
 past what is fsynced here — either inside a closed segment object or inside the open ``.partial``.
-All disk work runs on ONE worker thread, in submission order, so closes and partial appends never
-race and the durable position only moves forward. zstd, AES-GCM and SHA-256 release the GIL, so that
-thread really runs beside the receive loop on the other core.
+Closing segments runs on ONE worker thread, in submission order; zstd, AES-GCM and SHA-256 release
+the GIL, so it really runs beside the receive loop on the other core. Asynchronous streams append to
+the ``.partial`` on that worker too. A synchronous standby's streaming thread appends to the open
+segment's own ``.partial`` itself (`flush_here`), a file the worker never touches, and a full
+segment's last bytes go into its ``.partial`` before its close is queued, so the durable position
+never depends on a close still running. It only moves forward (`_advance`, under a lock).
 """
 
 from __future__ import annotations
