@@ -167,6 +167,12 @@ def wal_restore(
     return subprocess.run(argv, capture_output=True, timeout=60, check=False)
 
 
+def wal_verify(config: Path) -> subprocess.CompletedProcess[bytes]:
+    """Run ``klio wal verify`` (continuity and every segment's checksum)."""
+    argv = [str(KLIO), "--config", str(config), "wal", "verify"]
+    return subprocess.run(argv, capture_output=True, timeout=300, check=False)
+
+
 def restored_server(
     workdir: Path,
     backup: Path,

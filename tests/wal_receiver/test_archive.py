@@ -25,6 +25,7 @@ from tests.wal_receiver.helpers import (
     wait_archived,
     wait_closed,
     wal_restore,
+    wal_verify,
     write_config,
 )
 
@@ -216,7 +217,5 @@ def test_kill_9_resumes_without_gap_or_rewrite(
         reference = workdir / "ref" / s.name
         if reference.exists():
             assert archive.read(s.name, keyring) == reference.read_bytes(), s.name
-    verify = subprocess.run(
-        [str(KLIO), "--config", str(config), "wal", "verify"], capture_output=True, check=False
-    )
+    verify = wal_verify(config)
     assert verify.returncode == 0, verify.stdout.decode() + verify.stderr.decode()

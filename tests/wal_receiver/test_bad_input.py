@@ -19,6 +19,7 @@ from tests.wal_receiver.helpers import (
     receiver_inprocess,
     wait_archived,
     wal_restore,
+    wal_verify,
     write_config,
 )
 
@@ -146,9 +147,7 @@ def test_wrong_key_and_flipped_byte_are_detected(
     path.write_bytes(bytes(data))
     result = wal_restore(config, name, out)
     assert result.returncode == 150 and name.encode() in result.stderr and not out.exists()
-    verify = subprocess.run(
-        [str(KLIO), "--config", str(config), "wal", "verify"], capture_output=True, check=False
-    )
+    verify = wal_verify(config)
     assert verify.returncode != 0 and name in verify.stdout.decode() + verify.stderr.decode()
 
 

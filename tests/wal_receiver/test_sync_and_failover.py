@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from tests.wal_receiver.helpers import (
     restored_server,
     wait_archived,
     wait_closed,
+    wal_verify,
     write_config,
 )
 
@@ -152,9 +152,7 @@ def test_follows_promoted_standby_onto_timeline_2(
     archive = archive_of(settings2)
     assert 2 in archive.list_history()
     assert any(s.timeline == 2 for s in archive.list_segments())
-    verify = subprocess.run(
-        [str(KLIO), "--config", str(config2), "wal", "verify"], capture_output=True, check=False
-    )
+    verify = wal_verify(config2)
     assert verify.returncode == 0, verify.stdout.decode() + verify.stderr.decode()
     restored = restored_server(
         workdir,
@@ -195,7 +193,5 @@ def test_synchronous_receiver_rides_out_a_primary_restart(
     archive = archive_of(settings)
     numbers = [s.segno for s in archive.list_segments()]
     assert numbers == list(range(numbers[0], numbers[-1] + 1)), "gap in the archive"
-    verify = subprocess.run(
-        [str(KLIO), "--config", str(config), "wal", "verify"], capture_output=True, check=False
-    )
+    verify = wal_verify(config)
     assert verify.returncode == 0, verify.stdout.decode() + verify.stderr.decode()

@@ -580,6 +580,7 @@ class PartialWriter:
         (a first sync, a frame to split, zeros to add) takes the general path.
         """
         sealer, size = self._sealer, len(data)
+        length = _FRAME_HEAD + size + crypto.TAG_SIZE  # uncompressed and sealed
         if (
             size > self._frame_size
             or not self._published
@@ -587,16 +588,12 @@ class PartialWriter:
             or self._failed
             or self._codec.name != "none"
             or sealer.cipher is None
+            or self._size + length > self._allocated
         ):
             self.append(offset, data)
             self.sync()
             return
         parts = sealer.seal(self._index, 0, offset, size, data)
-        length = len(parts[0]) + len(parts[1]) + len(parts[2])
-        if self._size + length > self._allocated:
-            self.append(offset, data)
-            self.sync()
-            return
         try:
             if os.pwritev(self._fd, parts, self._size) != length:
                 raise OSError(errno.EIO, "short write")

@@ -124,11 +124,11 @@ class SyncPump:
                 self._flush(pg)
                 reported, last_status = durable, now
                 state.flushed(durable, received)
-                self._consume(pg)  # WAL that arrived meanwhile: take it before sleeping
+                self.conn.consume_input()  # WAL that arrived meanwhile: take it before sleeping
                 continue
             timeout = interval_ms - int((now - last_status) * 1000)
             if poller.poll(max(1, timeout)):
-                self._consume(pg)
+                self.conn.consume_input()
         return False
 
     def _flush(self, pg: PGconn) -> None:
@@ -136,12 +136,6 @@ class SyncPump:
             select.select([], [pg.socket], [], 1.0)
         if pending != 0:
             raise self._broken(pg.error_message.decode(errors="replace"))
-
-    def _consume(self, pg: PGconn) -> None:
-        try:
-            pg.consume_input()
-        except psycopg.OperationalError as exc:
-            raise self._broken(str(exc)) from exc
 
     def _broken(self, detail: str) -> Retryable:
         return Retryable(
