@@ -15,6 +15,7 @@ from klio_common.catalog.wal import WalArchive
 from klio_common.crypto import KeyRing
 from klio_common.objects import read_partial
 from klio_common.pg.lsn import Lsn
+from klio_common.pg.walname import WalSegment
 from klio_common.runtime.settings import Settings
 from klio_dev.waiting import wait_until
 from tests.services import ServiceProcess, service_inprocess, stream_events
@@ -85,16 +86,19 @@ def archive_end(settings: Settings, cluster: str = "main") -> int:
         return 0
     seg_size = archive.segment_size()
     end = 0
-    segs = archive.list_segments(seg_size)
-    if segs:
-        end = int(segs[-1].end_lsn)
+    # Partials first: the receiver removes one only after its segment's object is stored, so a
+    # partial that vanishes meanwhile is in the segment listing below.
     if archive.open_dir.is_dir():
         for p in archive.open_dir.glob("*.partial"):
-            _, _, valid = read_partial(p, keyring_of(settings), source=str(p))
-            from klio_common.pg.walname import WalSegment
-
+            try:
+                _, _, valid = read_partial(p, keyring_of(settings), source=str(p))
+            except FileNotFoundError:
+                continue
             seg = WalSegment.parse(p.name.removesuffix(".partial"), seg_size)
             end = max(end, int(seg.start_lsn) + valid)
+    segs = archive.list_segments(seg_size)
+    if segs:
+        end = max(end, int(segs[-1].end_lsn))
     return end
 
 
@@ -132,8 +136,6 @@ def wait_closed(
     ``restore_command`` only finds complete segments, so a restore test must wait for this, not
     for the open ``.partial`` to cover ``lsn``.
     """
-    from klio_common.pg.walname import WalSegment
-
     archive = archive_of(settings, cluster)
     wait_until(lambda: archive.read_identity() is not None, timeout, "the archive identity")
     seg_size = archive.segment_size()
