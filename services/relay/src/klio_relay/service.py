@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import Mapping
 
+import aioboto3
 from nats.aio.msg import Msg
 
 from klio_common import compression
@@ -98,9 +99,12 @@ async def main(settings: Settings, stop: asyncio.Event, health: Health) -> None:
     config = settings.relay
     s3 = settings.tier2.s3
     # The probe gives up quickly, so /readyz answers while uploads still wait for theirs.
+    session = aioboto3.Session()
     async with (
-        S3Store(s3, observer=metrics.observe, read_timeout=30.0) as store,
-        S3Store(s3, observer=metrics.observe, read_timeout=5.0, attempts=1) as probe_store,
+        S3Store(s3, observer=metrics.observe, read_timeout=30.0, session=session) as store,
+        S3Store(
+            s3, observer=metrics.observe, read_timeout=5.0, attempts=1, session=session
+        ) as probe_store,
     ):
         wake = asyncio.Event()
         probe = BucketProbe(probe_store, on_usable=wake.set)

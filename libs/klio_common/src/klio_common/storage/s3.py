@@ -140,6 +140,9 @@ class S3Store:
         connect_timeout: seconds to connect to the endpoint.
         read_timeout: seconds to wait for an answer.
         attempts: tries per request (botocore's own retries; 2 = one retry).
+        session: an aioboto3 session to share with other stores of the same process (a session
+            loads S3's service model, endpoint rules and resolver once: about 70 ms per client
+            otherwise), or None for a session of its own.
     """
 
     def __init__(
@@ -150,6 +153,7 @@ class S3Store:
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
         attempts: int = 2,
+        session: aioboto3.Session | None = None,
     ) -> None:
         self.settings = settings
         self.bucket = settings.bucket
@@ -174,6 +178,7 @@ class S3Store:
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
         self._attempts = attempts
+        self._session = session
         self._puts: SignedPut | None = None
 
     async def __aenter__(self) -> S3Store:
@@ -190,7 +195,7 @@ class S3Store:
         verify: bool | str = self.settings.verify_tls
         if self.settings.ca_bundle is not None:
             verify = str(self.settings.ca_bundle)
-        session = aioboto3.Session()
+        session = self._session or aioboto3.Session()
         self._client = await self._stack.enter_async_context(
             session.client(
                 "s3", endpoint_url=self.settings.endpoint_url, verify=verify, config=self._config

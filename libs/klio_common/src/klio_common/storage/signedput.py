@@ -6,9 +6,10 @@ the user-agent builder, a dozen event hooks and the response parser: about 3 ms 
 event loop per request here, more than the rest of an upload together. This module does what
 those steps produce for a PutObject: the URL comes from the client once (a presigned URL, so
 addressing style, endpoint and region are botocore's own), each request is signed by the client's
-own SigV4 signer (credentials refresh as usual), sent with aiohttp, and its answer mapped to the
-same outcomes and errors as a botocore call: a 2xx with its ETag and checksum, a refusal as a
-`ClientError` with the S3 error code, a connection failure as an ``aiohttp`` or ``OSError``.
+own SigV4 signer (credentials refresh as usual), sent by `httpput.HttpPut` on a worker thread,
+and its answer mapped to the same outcomes and errors as a botocore call: a 2xx with its ETag and
+checksum, a refusal as a `ClientError` with the S3 error code, a connection failure as an
+``OSError``.
 
 Like the client (``retries={"max_attempts": attempts}``), a request that fails to connect, times
 out or gets a 5xx or throttling answer is tried again, ``attempts`` times in all.
@@ -21,13 +22,13 @@ import ssl
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
-import aiohttp
-import aiohttp.payload
 import botocore.exceptions
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
+
+from klio_common.storage.httpput import HttpPut
 
 _RETRY_STATUS = {500, 502, 503, 504}
 _RETRY_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable"}
@@ -35,11 +36,11 @@ _BACKOFF = 0.2  # seconds before the second try (botocore's standard mode: up to
 
 
 class SignedPut:
-    """Signed PutObject requests for one bucket, on an aiohttp session of their own.
+    """Signed PutObject requests for one bucket, on connections of their own.
 
     Args:
         client: the aiobotocore S3 client (its signer, credentials and endpoint are used).
-        config: the client's botocore ``Config`` (payload signing, timeouts).
+        config: the client's botocore ``Config`` (payload signing, timeouts, pool size).
         bucket: the bucket.
         verify: TLS verification as botocore takes it: True, False or a CA bundle path.
         attempts: tries per request.
@@ -54,14 +55,14 @@ class SignedPut:
         self._attempts = max(1, attempts)
         self._base: str | None = None
         self._region = client.meta.region_name
-        self._session: aiohttp.ClientSession | None = None
-        self._ssl: ssl.SSLContext | bool = _ssl_context(verify)
+        self._verify = verify
+        self._http: HttpPut | None = None
 
     async def close(self) -> None:
-        """Close the connections."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        """Close the connections (requests in flight fail at once)."""
+        if self._http is not None:
+            self._http.close()
+            self._http = None
 
     async def put(self, key: str, data: bytes, headers: Mapping[str, str]) -> dict[str, str]:
         """Send ``data`` to ``key`` with ``headers``; return the answer's headers (lowercase).
@@ -69,13 +70,13 @@ class SignedPut:
         Raises:
             botocore.exceptions.ClientError: the server refused (code, message and status in
                 ``response`` as botocore puts them).
-            aiohttp.ClientError, OSError, TimeoutError: no answer after every attempt.
+            OSError: no answer after every attempt (TimeoutError included).
         """
         url = await self._url(key)
         for attempt in range(1, self._attempts + 1):
             try:
                 status, answer, body = await self._send(url, data, headers)
-            except (aiohttp.ClientError, OSError, TimeoutError):
+            except OSError:
                 if attempt == self._attempts:
                     raise
                 await asyncio.sleep(_BACKOFF)
@@ -100,28 +101,20 @@ class SignedPut:
             signing_name="s3", region_name=self._region, signature_version="s3v4"
         )
         auth.add_auth(request)
-        session = self._open()
-        async with session.put(
-            url,
-            data=_Body(data),
-            headers=dict(request.headers.items()),
-            ssl=self._ssl,
-            skip_auto_headers=("Content-Type",),
-        ) as response:
-            body = await response.read()
-            answer = {k.lower(): v for k, v in response.headers.items()}
-            return response.status, answer, body
+        parts = urlsplit(url)
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        return await self._open(url).put(path, data, dict(request.headers.items()))
 
-    def _open(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            timeout = aiohttp.ClientTimeout(
-                sock_connect=self._config.connect_timeout, sock_read=self._config.read_timeout
+    def _open(self, url: str) -> HttpPut:
+        if self._http is None:
+            self._http = HttpPut(
+                url,
+                workers=self._config.max_pool_connections,
+                connect_timeout=self._config.connect_timeout,
+                read_timeout=self._config.read_timeout,
+                tls=_ssl_context(self._verify),
             )
-            connector = aiohttp.TCPConnector(limit=self._config.max_pool_connections)
-            self._session = aiohttp.ClientSession(
-                timeout=timeout, connector=connector, auto_decompress=False
-            )
-        return self._session
+        return self._http
 
     async def _url(self, key: str) -> str:
         if self._base is None:
@@ -137,22 +130,15 @@ class SignedPut:
         return self._base + quote(key, safe="/~")
 
 
-class _Body(aiohttp.payload.BytesPayload):
-    """The body as one transport write: the transport copies what the socket does not take at
-    once (aiohttp warns about bodies above 1 MiB and suggests BytesIO, which it then sends in
-    64 KiB pieces with a trip through the event loop each: 256 per WAL segment)."""
-
-    def __init__(self, value: bytes) -> None:
-        aiohttp.payload.Payload.__init__(self, value, content_type="application/octet-stream")
-        self._size = len(value)
-
-
-def _ssl_context(verify: bool | str) -> ssl.SSLContext | bool:
-    if verify is False:
-        return False
+def _ssl_context(verify: bool | str) -> ssl.SSLContext:
+    """The TLS context for ``verify`` as botocore takes it (True, False or a CA bundle)."""
     if isinstance(verify, str):
         return ssl.create_default_context(cafile=verify)
-    return True
+    context = ssl.create_default_context()
+    if verify is False:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _client_error(
