@@ -61,8 +61,8 @@ with cf.ThreadPoolExecutor(int(jobs)) as pool:
 def run(lab: Lab, *, runs: int, total_bytes: int) -> dict[str, Any]:
     """Fill a Tier-1 directory with ``total_bytes`` of objects; time relay and boto3 uploads.
 
-    About three quarters of the bytes are 16 MiB WAL segments, the rest 128 KiB chunks of one
-    committed backup (whose WAL range is those segments): the relay's two kinds of work.
+    About three quarters of the bytes are 16 MiB WAL segments, the rest chunks of the default size
+    of one committed backup (whose WAL range is those segments): the relay's two kinds of work.
 
     Returns:
         ``{"bytes", "objects", "concurrency", "samples": {variant: [{"seconds",

@@ -286,7 +286,7 @@ def test_keyring_loads_the_configured_keys(tmp_path: Path) -> None:
 def test_backup_settings_have_defaults_and_are_checked(tmp_path: Path) -> None:
     backup = Settings.load(None, {}).backup
     assert (backup.chunk_size, backup.checkpoint, backup.wal_timeout, backup.jobs) == (
-        131072,
+        524288,
         "fast",
         300.0,
         2,

@@ -5,6 +5,15 @@ offsets so that a page written in place changes exactly one chunk). Its id is a 
 plaintext (HMAC-SHA-256 with the cluster's dedup key, itself stored encrypted), so ids reveal
 nothing about the content when encryption is on; without encryption it is the plain SHA-256.
 
+The default size, 512 KiB (64 pages), is a balance measured on a 1.2 GB cluster: against 128 KiB
+a backup took about a quarter less time and CPU (a quarter of the files to create, and a quarter
+of the hand-offs between the stream and the worker threads, which contend for the GIL at every
+chunk), restores open a quarter of the files, while a second backup after a 2% change (new rows
+plus updates of a hot range) added 0.52x the changed pages' bytes instead of 0.46x: PostgreSQL's
+changes cluster (appends at the end of a relation, updates that fill new pages), so a coarser
+grid re-stores little more. Scattered single-page changes are the worst case: each costs one
+compressed chunk.
+
 Chunks are written without an fsync each (tens of thousands per backup); the backup calls `sync`
 once before it commits its manifest. A chunk file that no committed manifest references is never
 trusted — it may be the torn leftover of a crashed backup — so a backup rewrites it instead of
@@ -27,7 +36,7 @@ from klio_common.crypto import KeyRing
 from klio_common.errors import CorruptObject, NotFound
 from klio_common.objects import ObjectHeader, decode_object, encode_object
 
-DEFAULT_CHUNK_SIZE = 128 * 1024  # 16 PostgreSQL pages: small enough to dedupe in-place writes
+DEFAULT_CHUNK_SIZE = 512 * 1024  # 64 PostgreSQL pages (see the module docstring)
 
 
 class ChunkStore:

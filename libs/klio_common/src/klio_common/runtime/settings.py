@@ -155,7 +155,7 @@ class CompressionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
 class BackupSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How base backups are taken (``backup:``), for every cluster."""
 
-    chunk_size: int = 131072
+    chunk_size: int = 524288
     checkpoint: Literal["fast", "spread"] = "fast"
     wal_timeout: float = 300.0
     jobs: int = 2
