@@ -16,6 +16,7 @@ of the restore, with the same result.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -70,11 +71,14 @@ class FileWriter:
             self._direct = False
             return 0
         try:
-            buf = self._buffer(size)
+            buf, address = self._buffer(size)
             at = 0
             for piece in pieces:
                 n = min(len(piece), size - at)
-                buf[at : at + n] = memoryview(piece)[:n]
+                # memmove through ctypes runs without the GIL: a restore's worker threads copy
+                # every byte into their buffers, and as a slice assignment (which holds the
+                # GIL) that copy was a quarter of the time the GIL was held.
+                ctypes.memmove(address + at, piece, n)
                 at += n
                 if at == size:
                     break
@@ -97,15 +101,20 @@ class FileWriter:
         finally:
             os.close(fd)
 
-    def _buffer(self, size: int) -> mmap.mmap:
-        """This thread's page-aligned buffer (anonymous memory), grown to at least ``size``."""
-        buf: mmap.mmap | None = getattr(self._local, "buf", None)
+    def _buffer(self, size: int) -> tuple[mmap.mmap, int]:
+        """This thread's page-aligned buffer (anonymous memory), grown to at least ``size``,
+        and its address."""
+        local = self._local
+        buf: mmap.mmap | None = getattr(local, "buf", None)
         if buf is None or len(buf) < size:
             if buf is not None:
+                local.anchor = None  # the ctypes view exports the buffer: release it first
                 buf.close()
             buf = mmap.mmap(-1, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
-            self._local.buf = buf
-        return buf
+            local.anchor = (ctypes.c_char * len(buf)).from_buffer(buf)
+            local.address = ctypes.addressof(local.anchor)
+            local.buf = buf
+        return buf, int(local.address)
 
 
 def _write_buffered(path: Path, offset: int, pieces: Sequence[bytes], *, skip: int) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from klio_common import fsio
 from klio_common.catalog.backups import BackupManifest
 from klio_common.errors import KlioError
 from klio_restore.backups import open_catalog
@@ -145,7 +146,7 @@ def restore(
             write_tablespace_map(pgdata, locations)
         write_recovery(pgdata, recovery_settings(request.target, request.restore_command))
         for root in roots:
-            syncfs(root)
+            fsio.syncfs(root)
     except BaseException:
         for root, top in zip(roots, made, strict=True):
             _remove(root, created=top)
@@ -233,21 +234,6 @@ def write_tablespace_map(pgdata: Path, locations: Mapping[int, Path]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, "".join(lines).encode())
-    finally:
-        os.close(fd)
-
-
-def syncfs(path: Path) -> None:
-    """Flush the whole filesystem holding ``path`` (one call instead of an fsync per file)."""
-    import ctypes
-    import ctypes.util
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if libc.syncfs(fd) != 0:  # pragma: no cover - only on I/O errors
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
     finally:
         os.close(fd)
 

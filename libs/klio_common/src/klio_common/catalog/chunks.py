@@ -181,11 +181,7 @@ class ChunkStore:
         """
         if not self.dir.is_dir():
             return
-        fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            _syncfs(fd)
-        finally:
-            os.close(fd)
+        fsio.syncfs(self.dir)
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -245,16 +241,6 @@ def _umask() -> int:
 
 
 _UMASK = _umask()
-
-
-def _syncfs(fd: int) -> None:
-    import ctypes
-    import ctypes.util
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if libc.syncfs(fd) != 0:  # pragma: no cover - syncfs fails only on I/O errors
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def identify(key: bytes | None, data: bytes | memoryview) -> tuple[str, str]:

@@ -19,7 +19,6 @@ sets them keeps their values. Other C libraries (musl) have no ``mallopt``: noth
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import threading
 
@@ -63,11 +62,8 @@ def tune_allocator() -> dict[int, int]:
 
 
 def _mallopt() -> ctypes._NamedFuncPointer | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)  # the process's symbols (find_library runs ldconfig: 20 ms)
         libc.gnu_get_libc_version  # noqa: B018 - glibc only: its parameter numbers
         mallopt = libc.mallopt
     except (OSError, AttributeError):
