@@ -1,11 +1,15 @@
-"""The relay's pure decision: upload, skip, fetch to compare, or conflict; never overwrite."""
+"""The relay's pure decisions: upload, skip, fetch to compare, or conflict (never overwrite);
+and whether a PUT's answer proves what the bucket stored."""
 
 from __future__ import annotations
 
+from hashlib import md5
+
 import pytest
 
-from klio_common.storage.s3 import ObjectInfo, composite_checksum, sha256_checksum
+from klio_common.storage.s3 import ObjectInfo, Stored, composite_checksum, sha256_checksum
 from klio_relay.dedupe import META_PLAINTEXT_SHA256, Action, Local, Remote, decide
+from klio_relay.upload import _proven
 
 DATA = b"stored object bytes"
 LOCAL = Local(
@@ -70,3 +74,14 @@ def test_remote_reads_our_metadata_from_a_head_answer() -> None:
     info = ObjectInfo("k", 5, "c", {META_PLAINTEXT_SHA256: "p" * 64})
     assert Remote.of(info) == Remote(size=5, checksum="c", plaintext_sha256="p" * 64)
     assert Remote.of(ObjectInfo("k", 5), "d" * 64).sha256 == "d" * 64
+
+
+async def test_an_upload_is_proven_by_the_servers_checksum_or_else_its_etag() -> None:
+    etag = f'"{md5(DATA).hexdigest()}"'
+    # A server that checks S3 checksums answers with ours: proven, whatever the ETag says.
+    assert await _proven(Stored(etag='"kms"', checksum_sha256=LOCAL.checksum), LOCAL, DATA)
+    assert not await _proven(Stored(etag=etag, checksum_sha256="other"), LOCAL, DATA)
+    # One that ignores the header: the MD5 it computed of what it stored must be ours.
+    assert await _proven(Stored(etag=etag), LOCAL, DATA)
+    assert not await _proven(Stored(etag=f'"{md5(b"other").hexdigest()}"'), LOCAL, DATA)
+    assert not await _proven(Stored(etag=None), LOCAL, DATA)  # nothing proven: HEAD

@@ -32,14 +32,12 @@ class Local:
         sha256: hex SHA-256 of the stored bytes.
         checksum: the base64 checksum S3 will store for our upload of it (plain or composite).
         plaintext_sha256: hex SHA-256 of its plaintext, None for files that are not objects.
-        md5: raw MD5 of the stored bytes when it goes up in one PUT (its ETag), else empty.
     """
 
     size: int
     sha256: str
     checksum: str
     plaintext_sha256: str | None
-    md5: bytes = b""
 
 
 @dataclass(frozen=True)

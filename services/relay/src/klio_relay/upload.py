@@ -199,18 +199,15 @@ class Uploader:
     def _local(self, data: bytes, header: ObjectHeader | None) -> Local:
         size = len(data)
         digest = hashlib.sha256(data).digest()  # once: it is both the journal's and S3's checksum
-        md5 = b""
         if size > self.multipart_threshold:
             checksum = composite_checksum(data, part_size_for(size, self.multipart_threshold))
         else:
             checksum = base64.b64encode(digest).decode()
-            md5 = hashlib.md5(data, usedforsecurity=False).digest()  # for the PUT's ETag
         return Local(
             size=size,
             sha256=digest.hex(),
             checksum=checksum,
             plaintext_sha256=header.plaintext_sha256 if header else None,
-            md5=md5,
         )
 
     async def _send(
@@ -225,8 +222,8 @@ class Uploader:
             if info is None:
                 stored = await self._put(key, data, header, path, local)
                 uploaded = stored is not None
-                if isinstance(stored, Stored) and local.md5 and stored.verified(local.md5):
-                    break  # the server's own MD5 of what it stored is ours: no HEAD needed
+                if isinstance(stored, Stored) and await _proven(stored, local, data):
+                    break  # no HEAD needed
                 info = await self.store.head(key)
                 if info is None:
                     continue
@@ -275,5 +272,20 @@ class Uploader:
             )
             return stored or None
         return await self.store.put_if_absent(
-            key, data, metadata=metadata, checksum=local.checksum, md5=local.md5 or None
+            key, data, metadata=metadata, checksum=local.checksum
         )
+
+
+async def _proven(stored: Stored, local: Local, data: bytes) -> bool:
+    """Whether the PUT's answer proves the bucket holds ``data`` as sent.
+
+    A server that implements S3's checksums computes the SHA-256 of what it received, refuses
+    the PUT when it differs from ours, and answers with it (AWS S3, MinIO, Ceph RGW, R2): the
+    answer's checksum is that proof. One that ignores the header answers without it; its ETag
+    is then the MD5 it computed of what it stored (unless the bucket encrypts with KMS keys),
+    and our MD5 of ``data`` is only computed for that comparison. False: ask with a HEAD.
+    """
+    if stored.checksum_sha256 is not None:
+        return stored.checksum_sha256 == local.checksum
+    md5 = await asyncio.to_thread(hashlib.md5, data, usedforsecurity=False)
+    return stored.verified(md5.digest())
