@@ -401,6 +401,29 @@ def test_partial_write_and_read(tmp_path: Path, k1: KeyRing) -> None:
         decode_object(path.read_bytes(), k1, source=SEG)
 
 
+def test_a_partial_read_racing_an_append_is_read_again(
+    tmp_path: Path, k1: KeyRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "p.partial"
+    writer = PartialWriter.create(path, kind="partial", name="p", codec=ZSTD, keyring=k1)
+    writer.append(0, DATA[:100])
+    writer.sync()
+    second = path.stat().st_size  # where the next frame's header goes
+    writer.append(100, DATA[100:5000])
+    writer.close()
+    whole = path.read_bytes()
+    # The reader saw the second frame's body but not yet its header (length and flags zero).
+    torn = whole[:second] + bytes(5) + whole[second + 5 :]
+    reads = [torn, whole]
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.pop(0))
+    _, plain, valid_end = read_partial(path, k1, source="p")
+    assert bytes(plain) == DATA[:5000] and valid_end == 5000
+    # Damage at rest reads the same twice: reported.
+    reads[:] = [torn, torn]
+    with pytest.raises(CorruptObject, match="frame 1 is empty"):
+        read_partial(path, k1, source="p")
+
+
 def test_partial_gaps_and_late_start(tmp_path: Path) -> None:
     path = tmp_path / "p.partial"
     with PartialWriter.create(

@@ -459,11 +459,22 @@ def read_partial(
     A torn or unauthenticated last frame (a crash mid-append: never synced, so
     never acknowledged) is dropped; damage to any earlier frame raises.
 
+    A reader racing the writer's append can see a frame's later pages before its header's: the
+    file is then read once more, and damage at rest reads the same the second time.
+
     Raises:
         CorruptObject: damaged header or damage before the last frame.
         EncryptionKeyError: the key is not configured or is the wrong key.
     """
-    data = Path(path).read_bytes()
+    try:
+        return _read_partial(Path(path).read_bytes(), keyring, source, max_size)
+    except CorruptObject:
+        return _read_partial(Path(path).read_bytes(), keyring, source, max_size)
+
+
+def _read_partial(
+    data: bytes, keyring: KeyRing, source: str, max_size: int
+) -> tuple[ObjectHeader, bytearray, int]:
     view = memoryview(data)
     header, head, pos = _parse_header(view, source)
     if header.plaintext_size is not None:

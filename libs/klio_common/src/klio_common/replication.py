@@ -17,6 +17,7 @@ from psycopg import pq
 from psycopg.conninfo import make_conninfo
 from psycopg.pq.abc import PGconn, PGresult
 
+from klio_common import libpq
 from klio_common.errors import KlioError, Permanent, Retryable, UnsupportedServer
 from klio_common.pg.lsn import Lsn
 from klio_common.sockwait import ReadWatch, wait_fd
@@ -281,7 +282,7 @@ class ReplicationConnection:
             Retryable: the connection was lost.
         """
         try:
-            self.conn.consume_input()
+            libpq.consume_input(self.conn)  # without the GIL: see klio_common.libpq
         except psycopg.OperationalError as exc:
             raise Retryable(
                 f"connection to {self.where} lost: {str(exc).strip()}",
