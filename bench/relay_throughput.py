@@ -285,8 +285,8 @@ def _relay_running(
     """A relay already running (as it does in production) relays what the events announce.
 
     The objects are moved aside while the relay starts (it finds only ``identity.json``, which
-    goes up with the first backup), moved back once it consumes, then the events are published. Timed from the first event until the
-    journal lists every object; CPU over the same window.
+    goes up with the first backup), moved back once it consumes, then the events are published.
+    Timed from the first event until the journal lists every object; CPU over the same window.
     """
     shutil.rmtree(cluster_dir / "tier2", ignore_errors=True)
     shutil.rmtree(cluster_dir / "outbox", ignore_errors=True)

@@ -271,9 +271,7 @@ class Uploader:
                 key, data, part_size=part, metadata=metadata
             )
             return stored or None
-        return await self.store.put_if_absent(
-            key, data, metadata=metadata, checksum=local.checksum
-        )
+        return await self.store.put_if_absent(key, data, metadata=metadata, checksum=local.checksum)
 
 
 async def _proven(stored: Stored, local: Local, data: bytes) -> bool:
