@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import ipaddress
 import socket
 import ssl
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from klio_common.storage.httpput import HttpPut
 
@@ -137,3 +144,64 @@ async def test_close_ends_a_request_in_flight_at_once(server: _Server) -> None:
 async def test_an_endpoint_that_is_not_http_is_refused() -> None:
     with pytest.raises(ValueError, match="not an http"):
         HttpPut("ftp://x/", workers=1, connect_timeout=1, read_timeout=1, tls=_TLS)
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A key and a certificate for 127.0.0.1 (PEM files)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "klio-test")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_file, cert_file = tmp_path / "key.pem", tmp_path / "cert.pem"
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_file, cert_file
+
+
+async def test_an_https_endpoint_is_verified_against_the_given_ca(
+    server: _Server, tmp_path: Path
+) -> None:
+    key_file, cert_file = _self_signed(tmp_path)
+    served = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    served.load_cert_chain(cert_file, key_file)
+    server.socket = served.wrap_socket(server.socket, server_side=True)
+    host, port = server.server_address[:2]
+    trusting = ssl.create_default_context(cafile=str(cert_file))
+    client = HttpPut(
+        f"https://{host!s}:{port}/", workers=1, connect_timeout=2, read_timeout=5, tls=trusting
+    )
+    try:
+        assert (await client.put("/bucket/tls", b"secret", {}))[0] == 200
+    finally:
+        client.close()
+    assert server.bodies == [("/bucket/tls", b"secret", "")]
+    # The system's CAs do not know this certificate: refused before anything is sent.
+    stranger = HttpPut(
+        f"https://{host!s}:{port}/", workers=1, connect_timeout=2, read_timeout=5, tls=_TLS
+    )
+    try:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await stranger.put("/bucket/tls2", b"secret", {})
+    finally:
+        stranger.close()
+    assert len(server.bodies) == 1
