@@ -216,3 +216,54 @@ def test_atomic_write_survives_being_killed(tmp_path: Path) -> None:
     assert data in (b"A" * (4 << 20), b"B" * (4 << 20))
     fsio.remove_stale_temps(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["obj"]
+
+
+@pytest.mark.parametrize("size", [fsio.DIRECT_MIN, 5 * (1 << 20) + 12_345])
+def test_a_direct_write_holds_exactly_the_bytes(tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)  # more than one aligned buffer, and a padded last block
+    assert fsio.write_exclusive(tmp_path / "seg", data, direct=True)
+    assert (tmp_path / "seg").read_bytes() == data
+    assert not [p for p in tmp_path.iterdir() if fsio.is_temp_name(p.name)]
+
+
+def test_a_direct_write_goes_around_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    used: list[bool] = []
+    real = fsio._write_direct
+
+    def spy(fd: int, data: bytes) -> bool:
+        used.append(real(fd, data))
+        return used[-1]
+
+    monkeypatch.setattr(fsio, "_write_direct", spy)
+    fsio.write_exclusive(tmp_path / "small", b"x" * 100, direct=True)
+    fsio.write_exclusive(tmp_path / "big", b"y" * fsio.DIRECT_MIN, direct=True)
+    assert used == [False, True]  # ext4 takes O_DIRECT; a small file is not worth it
+
+
+def test_a_filesystem_refusing_direct_writes_gets_buffered_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(fsio._direct, "ok", True)
+
+    def refuse(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))  # as FUSE or NFS may answer
+
+    monkeypatch.setattr(os, "pwrite", refuse)
+    data = os.urandom(fsio.DIRECT_MIN + 1)
+    assert fsio.write_exclusive(tmp_path / "seg", data, direct=True)
+    assert (tmp_path / "seg").read_bytes() == data
+    assert fsio._direct["ok"] is False  # not tried again
+
+
+def test_a_full_disk_under_a_direct_write_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(Retryable, match="no space left on device"):
+        fsio.write_exclusive(tmp_path / "seg", os.urandom(fsio.DIRECT_MIN), direct=True)
+    assert list(tmp_path.iterdir()) == []

@@ -46,3 +46,28 @@ class _Conn:
 def test_a_closed_connection_raises_as_psycopg_does() -> None:
     with pytest.raises(psycopg.OperationalError, match="consuming input failed"):
         libpq.consume_input(_Conn())  # type: ignore[arg-type]
+
+
+class _CopyConn:
+    """A connection whose pointer is unknown: the reader uses psycopg's own call."""
+
+    pgconn_ptr: Any = None
+
+    def __init__(self, messages: list[tuple[int, bytes]]) -> None:
+        self.messages = messages
+
+    def get_copy_data(self, async_: int) -> tuple[int, bytes]:
+        assert async_ == 1  # never a blocking read (P1)
+        return self.messages.pop(0)
+
+
+def test_without_the_pointer_the_reader_returns_psycopgs_copies() -> None:
+    reader = libpq.CopyReader(_CopyConn([(5, b"wdata"), (0, b""), (-1, b"")]))  # type: ignore[arg-type]
+    size, view = reader.read()
+    assert view is not None and (size, bytes(view)) == (5, b"wdata")
+    tail = reader.lend(view[1:])
+    assert reader.read() == (0, None)
+    assert (bytes(view), bytes(tail)) == (b"wdata", b"data")  # psycopg's copies stay valid
+    assert reader.read() == (-1, None)
+    reader.release()
+    reader.release()  # idempotent

@@ -1,11 +1,23 @@
-"""Crash-safe file writes: temp file, fsync, rename or link, fsync of the directory."""
+"""Crash-safe file writes: temp file, fsync, rename or link, fsync of the directory.
+
+A large object written once and read back rarely soon (a closed WAL segment) can go around the
+page cache (``direct=True``): on the virtual disks Klio runs on, copying each byte into a cache
+page costs more CPU than the device write (profiles of catch-up ingest: 5–7% of all CPU in
+``copy_folio_from_iter_atomic`` for 169 MB of segments). The bytes are copied into an aligned
+buffer, written with ``O_DIRECT`` in block multiples (the last block zero-padded), and the file is
+cut to its size before the fsync. A filesystem that refuses ``O_DIRECT`` (tmpfs, some FUSE and
+network filesystems: ``EINVAL``) gets buffered writes instead, from then on.
+"""
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import mmap
 import os
 import secrets
 import stat
+import threading
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
@@ -14,6 +26,14 @@ from klio_common.errors import ConflictError, Retryable
 
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 _COMPARE_STEP = 1 << 20
+_O_DIRECT: int = getattr(os, "O_DIRECT", 0)
+DIRECT_ALIGN = 4096
+"""Offsets, lengths and buffer addresses of direct writes are multiples of this."""
+DIRECT_MIN = 256 * 1024
+"""Smaller files are written through the page cache (one device round trip is not worth it)."""
+_DIRECT_BUFFER = 4 << 20
+_direct = {"ok": _O_DIRECT != 0}  # turned off at the first refusal
+_buffers = threading.local()
 
 
 def temp_path(path: Path) -> Path:
@@ -88,6 +108,45 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[written:]
 
 
+def _write_direct(fd: int, data: bytes | bytearray | memoryview) -> bool:
+    """Write ``data`` at the start of the empty file ``fd`` around the page cache.
+
+    Returns:
+        False, having written nothing, when ``O_DIRECT`` is unavailable or refused.
+    """
+    view = memoryview(data).cast("B")
+    if not _direct["ok"] or len(view) < DIRECT_MIN:
+        return False
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT)
+    except OSError:
+        _direct["ok"] = False
+        return False
+    buf: mmap.mmap | None = getattr(_buffers, "buf", None)
+    if buf is None:
+        buf = _buffers.buf = mmap.mmap(-1, _DIRECT_BUFFER)  # page-aligned, reused per thread
+    try:
+        for offset in range(0, len(view), _DIRECT_BUFFER):
+            piece = view[offset : offset + _DIRECT_BUFFER]
+            buf[: len(piece)] = piece
+            padded = -(-len(piece) // DIRECT_ALIGN) * DIRECT_ALIGN
+            buf[len(piece) : padded] = bytes(padded - len(piece))
+            with memoryview(buf) as whole:
+                if os.pwrite(fd, whole[:padded], offset) != padded:
+                    raise OSError(errno.EINVAL, "short direct write")
+        os.ftruncate(fd, len(view))
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        _direct["ok"] = False
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        os.ftruncate(fd, 0)
+        return False
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+    return True
+
+
 def _no_space(path: Path, exc: OSError) -> Retryable:
     return Retryable(
         f"no space left on device writing {path}: {exc.strerror}",
@@ -95,14 +154,17 @@ def _no_space(path: Path, exc: OSError) -> Retryable:
     )
 
 
-def _write_temp(path: Path, data: bytes | bytearray | memoryview, file_mode: int) -> Path:
+def _write_temp(
+    path: Path, data: bytes | bytearray | memoryview, file_mode: int, direct: bool = False
+) -> Path:
     """Write ``data`` to a new fsynced temp file beside ``path``; return its path."""
     tmp = temp_path(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, file_mode)
         try:
             os.fchmod(fd, file_mode)
-            _write_all(fd, data)
+            if not (direct and _write_direct(fd, data)):
+                _write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -147,6 +209,7 @@ def write_exclusive(
     file_mode: int = 0o640,
     dir_mode: int = 0o750,
     same: Callable[[Path], bool] | None = None,
+    direct: bool = False,
 ) -> bool:
     """Create ``path`` atomically and durably unless it exists; never overwrite.
 
@@ -158,6 +221,7 @@ def write_exclusive(
         same: decides whether an existing file holds the same content (for
             example by comparing plaintext checksums of objects whose bytes differ
             because of random keys); default: compare bytes.
+        direct: write around the page cache where the filesystem allows (large files only).
 
     Returns:
         True if the file was created, False if it already held the same content.
@@ -170,7 +234,7 @@ def write_exclusive(
     ensure_dir(path.parent, dir_mode)
     if path.exists():
         return _settle_existing(path, data, same)
-    tmp = _write_temp(path, data, file_mode)
+    tmp = _write_temp(path, data, file_mode, direct)
     try:
         # link() fails if the name exists, which makes "create unless present" atomic.
         os.link(tmp, path)

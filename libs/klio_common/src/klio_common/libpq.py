@@ -1,4 +1,4 @@
-"""libpq's ``PQconsumeInput`` called without holding the GIL.
+"""libpq's ``PQconsumeInput`` without the GIL, and ``PQgetCopyData`` without a copy.
 
 psycopg's compiled implementations (``psycopg[binary]``, ``psycopg[c]``) call ``PQconsumeInput``
 with the GIL held. That call is a ``recv`` plus a copy into libpq's buffer, and a WAL or
@@ -10,6 +10,11 @@ Here the same function of the same library (the libpq psycopg has loaded, found 
 memory map and bound with ``RTLD_NOLOAD``, so never a second copy) is called through ctypes,
 which releases the GIL for the call. Only the thread that owns the connection calls it, as
 before. Where the library cannot be found unambiguously, psycopg's own call is used.
+
+`CopyReader` reads COPY messages the same way, and lends each one as a memoryview of the buffer
+libpq allocated for it (freed at the next read): psycopg's ``get_copy_data`` copies every message
+into a new ``bytes``, a third copy of each WAL byte (socket, libpq, bytes) before the receiver
+copies it into its segment, and a malloc of up to 128 KiB per message whose pages fault in anew.
 """
 
 from __future__ import annotations
@@ -26,6 +31,11 @@ from psycopg.pq.abc import PGconn
 _lock = threading.Lock()
 _resolved = False
 _consume: Any = None  # the ctypes function, or None: use psycopg's
+_copy_fns: tuple[Any, Any] | None = None  # PQgetCopyData, PQfreemem, or None: use psycopg's
+_PYBUF_READ = 0x100
+_memory_view = ctypes.pythonapi.PyMemoryView_FromMemory
+_memory_view.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int]
+_memory_view.restype = ctypes.py_object
 
 
 def consume_input(conn: PGconn) -> None:
@@ -54,16 +64,80 @@ def loaded_libpq(maps: str) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
+class CopyReader:
+    """``get_copy_data(1)`` of one connection, lending each message instead of copying it.
+
+    The view `read` returns is valid until the next `read` or `release`, which free it (and
+    release the view, so a late use raises instead of reading freed memory): consume or copy
+    it before then. A slice of it handed on must be registered with `lend`, so that it is
+    released too. Only the thread that owns the connection may use the reader.
+    """
+
+    def __init__(self, conn: PGconn) -> None:
+        self.conn = conn
+        if not _resolved:
+            _resolve()
+        self._fns = _copy_fns
+        self._out = ctypes.c_void_p()
+        self._held: int | None = None  # libpq's buffer behind the lent view
+        self._lent: list[memoryview] = []  # the message's view and slices of it handed on
+
+    def read(self) -> tuple[int, memoryview | None]:
+        """``(size, message)``; ``size`` is 0 (nothing buffered), -1 (CopyDone) or -2 (error).
+
+        Raises:
+            psycopg.OperationalError: psycopg's own call failed (fallback only).
+        """
+        self.release()
+        fns = self._fns
+        ptr = getattr(self.conn, "pgconn_ptr", None)  # every psycopg implementation has it
+        if fns is None or ptr is None:
+            size, buf = self.conn.get_copy_data(1)
+            return size, (memoryview(buf) if size > 0 else None)
+        size = fns[0](ptr, ctypes.byref(self._out), 1)
+        if size <= 0:
+            return size, None
+        self._held = self._out.value
+        view: memoryview = _memory_view(self._held, size, _PYBUF_READ)
+        self._lent.append(view)
+        return size, view
+
+    def lend(self, view: memoryview) -> memoryview:
+        """Register a slice of the current message, to be released with it; return it."""
+        if self._held is not None:
+            self._lent.append(view)
+        return view
+
+    def release(self) -> None:
+        """Free the message lent last (idempotent)."""
+        for view in self._lent:
+            view.release()
+        self._lent.clear()
+        if self._held is not None:
+            assert self._fns is not None
+            self._fns[1](self._held)
+            self._held = None
+
+
 def _resolve() -> Any:
-    global _resolved, _consume
+    global _resolved, _consume, _copy_fns
     with _lock:
         if not _resolved:
-            _consume = _bind()
+            lib = _library()
+            _consume = _bind(lib, "PQconsumeInput", [ctypes.c_void_p], ctypes.c_int)
+            get = _bind(
+                lib,
+                "PQgetCopyData",
+                [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int],
+                ctypes.c_int,
+            )
+            free = _bind(lib, "PQfreemem", [ctypes.c_void_p], None)
+            _copy_fns = (get, free) if get is not None and free is not None else None
             _resolved = True
     return _consume
 
 
-def _bind() -> Any:
+def _library() -> ctypes.CDLL | None:
     try:
         path = loaded_libpq(Path("/proc/self/maps").read_text())
     except OSError:
@@ -71,10 +145,18 @@ def _bind() -> Any:
     if path is None:
         return None
     try:
-        lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-        fn = lib.PQconsumeInput
-    except (OSError, AttributeError):
+        return ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    except OSError:
         return None
-    fn.argtypes = [ctypes.c_void_p]
-    fn.restype = ctypes.c_int
+
+
+def _bind(lib: ctypes.CDLL | None, name: str, argtypes: list[Any], restype: Any) -> Any:
+    if lib is None:
+        return None
+    try:
+        fn = getattr(lib, name)
+    except AttributeError:
+        return None
+    fn.argtypes = argtypes
+    fn.restype = restype
     return fn

@@ -32,7 +32,10 @@ def pg_now_us() -> int:
 
 @dataclass(frozen=True)
 class XLogData:
-    """A 'w' message: WAL bytes starting at ``start``."""
+    """A 'w' message: WAL bytes starting at ``start``.
+
+    ``data`` is lent from libpq's buffer: valid until the next `read_message`, copy it first.
+    """
 
     start: int
     wal_end: int
@@ -124,6 +127,7 @@ class ReplicationConnection:
         self.where = where
         self._loop = asyncio.get_running_loop()
         self._watch: ReadWatch | None = None  # while streaming: see `wait_readable`
+        self.reader = libpq.CopyReader(conn)  # WAL messages, lent without a copy
 
     def _unwatch(self) -> None:
         if self._watch is not None:
@@ -182,6 +186,7 @@ class ReplicationConnection:
     def close(self) -> None:
         """Close the socket (no goodbye needed for a replication connection)."""
         self._unwatch()
+        self.reader.release()
         self.conn.finish()
 
     def detach(self) -> PGconn:
@@ -260,20 +265,19 @@ class ReplicationConnection:
         try:
             nbytes, buf = self.conn.get_copy_data(1)
         except psycopg.OperationalError as exc:
-            raise Retryable(
-                f"{what} from {self.where} broke: {str(exc).strip()}",
-                hint="retrying with backoff",
-            ) from exc
+            raise self._broken(what, str(exc)) from exc
         if nbytes == 0:
             return None
         if nbytes == -1:
             raise StreamEnded(None, None)
         if nbytes < 0:
-            raise Retryable(
-                f"{what} from {self.where} broke: "
-                f"{self.conn.error_message.decode(errors='replace').strip()}"
-            )
+            raise self._broken(what, self.conn.error_message.decode(errors="replace"))
         return memoryview(buf)
+
+    def _broken(self, what: str, detail: str) -> Retryable:
+        return Retryable(
+            f"{what} from {self.where} broke: {detail.strip()}", hint="retrying with backoff"
+        )
 
     def consume_input(self) -> None:
         """Read whatever the socket holds now, without waiting (then try `read_copy` again).
@@ -310,13 +314,22 @@ class ReplicationConnection:
         Raises:
             StreamEnded: the server sent CopyDone (caller must ``finish_copy``).
         """
-        mv = self._copy_data("replication stream")
+        try:
+            nbytes, mv = self.reader.read()
+        except psycopg.OperationalError as exc:
+            raise self._broken("replication stream", str(exc)) from exc
         if mv is None:
+            if nbytes == -1:
+                raise StreamEnded(None, None)
+            if nbytes < -1:
+                raise self._broken(
+                    "replication stream", self.conn.error_message.decode("utf-8", "replace")
+                )
             return None
         kind = mv[0]
         if kind == 0x77:  # 'w'
             start, wal_end, send_time = struct.unpack_from("!QQq", mv, 1)
-            return XLogData(start, wal_end, send_time, mv[25:])
+            return XLogData(start, wal_end, send_time, self.reader.lend(mv[25:]))
         if kind == 0x6B:  # 'k'
             wal_end, send_time, reply = struct.unpack_from("!QqB", mv, 1)
             return Keepalive(wal_end, send_time, bool(reply))
@@ -347,6 +360,7 @@ class ReplicationConnection:
 
     async def finish_copy(self) -> StreamEnded:
         """Answer the server's CopyDone and read what follows (next timeline, P6)."""
+        self.reader.release()
         try:
             self.conn.put_copy_end()
             await self._flush()

@@ -79,7 +79,8 @@ class SyncPump:
         """
         pg = self.conn.detach()
         writer, state = self.writer, self.state
-        get_copy_data, put_copy_data = pg.get_copy_data, pg.put_copy_data
+        reader, put_copy_data = self.conn.reader, pg.put_copy_data
+        read, lend = reader.read, reader.lend
         poller = select.poll()
         poller.register(pg.socket, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
@@ -92,15 +93,15 @@ class SyncPump:
             reply = False
             while True:
                 try:
-                    size, buf = get_copy_data(1)
+                    size, buf = read()  # lent by libpq until the next read: put() copies it
                 except psycopg.OperationalError as exc:
                     raise self._broken(str(exc)) from exc
-                if size <= 0:
+                if buf is None:
                     break
                 kind = buf[0]
                 if kind == 0x77:  # 'w'
                     start, end, _ = _XLOG.unpack_from(buf, 1)
-                    writer.put(start, memoryview(buf)[25:])
+                    writer.put(start, lend(buf[25:]))
                     nbytes += size - 25
                     wal_end = max(wal_end, end)
                 elif kind == 0x6B:  # 'k'

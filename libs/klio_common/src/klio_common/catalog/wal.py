@@ -197,7 +197,10 @@ class WalArchive:
         data = encode_object(
             plaintext, kind=kind, name=name, codec=codec, keyring=keyring, extra=extra
         )
-        fsio.write_exclusive(path, data, file_mode=self.file_mode, dir_mode=self.dir_mode)
+        # A segment is read again only by the relay and by restores: not worth the page cache.
+        fsio.write_exclusive(
+            path, data, file_mode=self.file_mode, dir_mode=self.dir_mode, direct=kind != "history"
+        )
         return StoredObject(read_header(data), path, len(data), created=True)
 
     def store_segment(
