@@ -230,13 +230,13 @@ def test_a_direct_write_goes_around_the_page_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     used: list[bool] = []
-    real = fsio._write_direct
+    real = fsio.write_direct
 
     def spy(fd: int, data: bytes) -> bool:
         used.append(real(fd, data))
         return used[-1]
 
-    monkeypatch.setattr(fsio, "_write_direct", spy)
+    monkeypatch.setattr(fsio, "write_direct", spy)
     fsio.write_exclusive(tmp_path / "small", b"x" * 100, direct=True)
     fsio.write_exclusive(tmp_path / "big", b"y" * fsio.DIRECT_MIN, direct=True)
     assert used == [False, True]  # ext4 takes O_DIRECT; a small file is not worth it

@@ -108,14 +108,17 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[written:]
 
 
-def _write_direct(fd: int, data: bytes | bytearray | memoryview) -> bool:
+def write_direct(
+    fd: int, data: bytes | bytearray | memoryview, *, minimum: int = DIRECT_MIN
+) -> bool:
     """Write ``data`` at the start of the empty file ``fd`` around the page cache.
 
     Returns:
-        False, having written nothing, when ``O_DIRECT`` is unavailable or refused.
+        False, having written nothing, when ``O_DIRECT`` is unavailable or refused, or when
+        ``data`` is shorter than ``minimum``: then write it as usual.
     """
     view = memoryview(data).cast("B")
-    if not _direct["ok"] or len(view) < DIRECT_MIN:
+    if not _direct["ok"] or len(view) < minimum:
         return False
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     try:
@@ -163,7 +166,7 @@ def _write_temp(
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, file_mode)
         try:
             os.fchmod(fd, file_mode)
-            if not (direct and _write_direct(fd, data)):
+            if not (direct and write_direct(fd, data)):
                 _write_all(fd, data)
             os.fsync(fd)
         finally:
