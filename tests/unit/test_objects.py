@@ -24,13 +24,12 @@ from klio_common.errors import CorruptObject, EncryptionKeyError
 from klio_common.objects import (
     MAGIC,
     ObjectHeader,
-    PartialWriter,
     decode_object,
     encode_object,
     read_header,
-    read_partial,
     write_object,
 )
+from klio_common.partial import PartialWriter, read_partial
 
 SEG = "segment 000000010000000000000003"
 HINT = "restore it from Tier 2 or another copy; do not use this file"
@@ -564,7 +563,7 @@ import sys
 from pathlib import Path
 from klio_common import compression
 from klio_common.crypto import KeyRing
-from klio_common.objects import PartialWriter
+from klio_common.partial import PartialWriter
 path, key = Path(sys.argv[1]), Path(sys.argv[2])
 ring = KeyRing.load("k1", {"k1": key})
 zstd = compression.get("zstd")

@@ -9,7 +9,7 @@ import pytest
 
 from klio_common import compression
 from klio_common.crypto import KeyRing
-from klio_common.objects import PartialWriter, read_partial
+from klio_common.partial import PartialWriter, read_partial
 from tests.unit.test_objects import ring
 
 AHEAD = 64 * 1024

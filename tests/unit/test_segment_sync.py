@@ -9,7 +9,7 @@ from pathlib import Path
 from klio_common import compression
 from klio_common.catalog.wal import WalArchive
 from klio_common.crypto import KeyRing
-from klio_common.objects import PartialWriter, read_partial
+from klio_common.partial import PartialWriter, read_partial
 from klio_common.pg.walname import WalSegment
 from klio_wal_receiver.segments import ClosedSegment, SegmentWriter
 from tests.unit.test_objects import ring

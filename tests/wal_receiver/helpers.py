@@ -13,7 +13,7 @@ import yaml
 
 from klio_common.catalog.wal import WalArchive
 from klio_common.crypto import KeyRing
-from klio_common.objects import read_partial
+from klio_common.partial import read_partial
 from klio_common.pg.lsn import Lsn
 from klio_common.pg.walname import WalSegment
 from klio_common.runtime.settings import Settings

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import struct
@@ -11,10 +10,8 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Final, TypeVar
 
 import msgspec
@@ -22,7 +19,7 @@ import msgspec
 from klio_common import compression, crypto, fsio
 from klio_common.compression import Codec
 from klio_common.crypto import KeyRing
-from klio_common.errors import CorruptObject, KlioError, Retryable
+from klio_common.errors import CorruptObject
 
 MAGIC: Final = b"KLIOOBJ1"
 FORMAT: Final = 1
@@ -446,61 +443,6 @@ def _walk(
     return header, pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
-def read_partial(
-    path: Path, keyring: KeyRing, *, source: str, max_size: int = MAX_PLAINTEXT_SIZE
-) -> tuple[ObjectHeader, bytearray, int]:
-    """Read an open partial written by :class:`PartialWriter` (or a complete object).
-
-    Returns:
-        The header; the plaintext, zero-filled where no frame wrote, as long as
-        the highest frame end; ``valid_end``, the end of the contiguous range that
-        starts at the first frame's offset (0 without frames).
-
-    A torn or unauthenticated last frame (a crash mid-append: never synced, so
-    never acknowledged) is dropped; damage to any earlier frame raises.
-
-    A reader racing the writer's append can see a frame's later pages before its header's: the
-    file is then read once more, and damage at rest reads the same the second time.
-
-    Raises:
-        CorruptObject: damaged header or damage before the last frame.
-        EncryptionKeyError: the key is not configured or is the wrong key.
-    """
-    try:
-        return _read_partial(Path(path).read_bytes(), keyring, source, max_size)
-    except CorruptObject:
-        return _read_partial(Path(path).read_bytes(), keyring, source, max_size)
-
-
-def _read_partial(
-    data: bytes, keyring: KeyRing, source: str, max_size: int
-) -> tuple[ObjectHeader, bytearray, int]:
-    view = memoryview(data)
-    header, head, pos = _parse_header(view, source)
-    if header.plaintext_size is not None:
-        plain = decode_object(data, keyring, source=source, max_size=max_size)[1]
-        return header, bytearray(plain), len(plain)
-    frames: list[_Frame] = []
-    try:
-        for frame in _opener(header, head, keyring, source).frames(
-            view, pos, max_size, 2 * max_size
-        ):
-            if frame.flags & FLAG_LAST:
-                raise _corrupt(source, f"frame {frame.index} is flagged last in an open partial")
-            frames.append(frame)
-    except _BadFrame as bad:
-        if not bad.torn(data):
-            raise _corrupt(source, f"frame {bad.index} {bad.reason}") from None
-    plaintext = bytearray(max((f.offset + len(f.plain) for f in frames), default=0))
-    for f in frames:
-        plaintext[f.offset : f.offset + len(f.plain)] = f.plain
-    valid_end = frames[0].offset if frames else 0
-    for f in sorted(frames, key=lambda f: f.offset):
-        if frames[0].offset <= f.offset <= valid_end:
-            valid_end = max(valid_end, f.offset + len(f.plain))
-    return header, plaintext, valid_end
-
-
 def write_object(
     path: Path,
     data: bytes | bytearray | memoryview,
@@ -510,206 +452,3 @@ def write_object(
 ) -> None:
     """Store an encoded object crash-safely (see :func:`klio_common.fsio.atomic_write`)."""
     fsio.atomic_write(path, data, file_mode=file_mode, dir_mode=dir_mode)
-
-
-class PartialWriter:
-    """Appends authenticated frames to an open segment (``.partial``) as WAL arrives.
-
-    The file is built under a temp name; the first :meth:`sync` renames it over
-    ``path`` (so a partial being re-created replaces the old one atomically).
-    Every writer has its own data key, so (key, nonce) pairs never repeat.
-    After a failed write the writer refuses further use: create a new one.
-
-    With ``preallocate`` (a synchronous standby, where a COMMIT waits for every sync), the
-    file is zero-filled that far ahead of the frames, so a sync only has data to flush
-    (``fdatasync``, no size or extent change to journal). Readers stop at the zeros after the
-    last frame, as after a torn write (`read_partial`).
-    """
-
-    def __init__(
-        self, path: Path, sealer: _Sealer, codec: Codec, fd: int, tmp: Path, frame_size: int
-    ) -> None:
-        self.path, self._sealer, self._codec, self._fd, self._tmp = path, sealer, codec, fd, tmp
-        self._frame_size, self._size, self._index = frame_size, 0, 0
-        self._published = self._closed = self._failed = False
-        self._ahead = self._allocated = 0  # zero-filled bytes: how many to keep ahead, up to
-
-    @classmethod
-    def create(
-        cls,
-        path: Path,
-        *,
-        kind: str = "partial",
-        name: str,
-        codec: Codec,
-        keyring: KeyRing,
-        file_mode: int = 0o640,
-        dir_mode: int = 0o750,
-        frame_size: int = 1 << 20,
-        preallocate: int = 0,
-    ) -> PartialWriter:
-        """Start a partial object at ``path`` (not visible there before the first sync)."""
-        path = Path(path)
-        header, data_key = _new_header(
-            kind=kind, name=name, codec=codec, keyring=keyring, size=None, sha=None, extra=None
-        )
-        sealer = _Sealer(header, data_key)
-        fsio.ensure_dir(path.parent, dir_mode)
-        tmp = fsio.temp_path(path)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, file_mode)
-        writer = cls(path, sealer, codec, fd, tmp, frame_size)
-        writer._ahead = preallocate
-        try:
-            os.fchmod(fd, file_mode)
-            writer._write([sealer.head])
-        except BaseException:
-            writer._discard()
-            raise
-        return writer
-
-    @property
-    def header_size(self) -> int:
-        """Bytes taken by the header at the start of the file."""
-        return len(self._sealer.head)
-
-    def append(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Write ``data`` (plaintext at ``offset`` in the segment) as one or more frames."""
-        self._check()
-        view = memoryview(data).cast("B")
-        parts: list[bytes | memoryview] = []
-        for start in range(0, len(view), self._frame_size):
-            piece = view[start : start + self._frame_size]
-            payload = self._codec.compress(piece)
-            parts += self._sealer.seal(self._index, 0, offset + start, len(piece), payload)
-            self._index += 1
-        self._write(parts)
-
-    def append_sync(self, offset: int, data: memoryview) -> None:
-        """`append` then `sync`: a synchronous standby's per-commit path, kept short.
-
-        One frame, one ``pwritev`` into the zero-filled space, one ``fdatasync``; anything else
-        (a first sync, a frame to split, zeros to add) takes the general path.
-        """
-        sealer, size = self._sealer, len(data)
-        length = _FRAME_HEAD + size + crypto.TAG_SIZE  # uncompressed and sealed
-        if (
-            size > self._frame_size
-            or not self._published
-            or self._closed
-            or self._failed
-            or self._codec.name != "none"
-            or sealer.cipher is None
-            or self._size + length > self._allocated
-        ):
-            self.append(offset, data)
-            self.sync()
-            return
-        parts = sealer.seal(self._index, 0, offset, size, data)
-        try:
-            if os.pwritev(self._fd, parts, self._size) != length:
-                raise OSError(errno.EIO, "short write")
-            os.fdatasync(self._fd)
-        except OSError as exc:
-            self._failed = True  # after a failed write or fsync the file's state is unknown
-            raise self._os_error(exc) from exc
-        self._index += 1
-        self._size += length
-
-    def sync(self) -> None:
-        """Make everything appended so far durable (the first call also publishes the file)."""
-        self._check()
-        try:
-            if self._allocated:
-                os.fdatasync(self._fd)  # the size and extents were made durable with the zeros
-            else:
-                os.fsync(self._fd)
-            if not self._published:
-                self._tmp.replace(self.path)
-                self._published = True
-                fsio.fsync_dir(self.path.parent)
-        except OSError as exc:
-            self._failed = True  # after a failed fsync the page cache state is unknown
-            raise self._os_error(exc) from exc
-
-    def reserve(self) -> None:
-        """Zero-fill the ``preallocate`` bytes now (and fsync), not at the first append."""
-        self._check()
-        if self._ahead and not self._allocated:
-            try:
-                self._zero_fill(self._size + self._ahead)
-            except OSError as exc:
-                self._failed = True
-                raise self._os_error(exc) from exc
-
-    def abandon(self) -> None:
-        """Close without publishing: a writer never synced leaves no file behind."""
-        if not self._closed:
-            self._discard()
-
-    def close(self) -> None:
-        """Sync, then close the file."""
-        if self._closed:
-            return
-        try:
-            if not self._failed:
-                self.sync()
-        finally:
-            self._discard()
-
-    def _discard(self) -> None:
-        self._closed = True
-        os.close(self._fd)
-        if not self._published:
-            self._tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> PartialWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        elif not self._closed:
-            self._discard()
-
-    def _check(self) -> None:
-        if self._closed or self._failed:
-            state = "closed" if self._closed else "failed earlier"
-            raise KlioError(f"partial writer for {self.path} is {state}; create a new one")
-
-    def _write(self, parts: list[bytes | memoryview]) -> None:
-        view = memoryview(b"".join(parts))
-        try:
-            if self._ahead and self._size + len(view) > self._allocated:
-                self._zero_fill(self._size + len(view) + self._ahead)
-            done = 0
-            while done < len(view):
-                done += os.pwrite(self._fd, view[done:], self._size + done)
-        except OSError as exc:
-            self._failed = True
-            with suppress(OSError):
-                os.ftruncate(self._fd, self._size)  # leave no torn frame behind
-            raise self._os_error(exc) from exc
-        self._size += len(view)
-
-    def _zero_fill(self, end: int) -> None:
-        """Write zeros from the end of what is allocated to ``end``, and make them durable."""
-        start = max(self._allocated, self._size)
-        zeros = bytes(min(end - start, 1 << 20))
-        pos = start
-        while pos < end:
-            pos += os.pwrite(self._fd, memoryview(zeros)[: end - pos], pos)
-        os.fsync(self._fd)  # the new size and extents, once, not at every frame's sync
-        self._allocated = end
-
-    def _os_error(self, exc: OSError) -> Exception:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return Retryable(
-                f"no space left on device writing {self.path}: {exc.strerror}",
-                hint="free space on the Tier-1 volume or grow it; nothing was written",
-            )
-        return exc

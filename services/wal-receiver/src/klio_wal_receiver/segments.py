@@ -25,7 +25,7 @@ from klio_common.catalog.wal import StoredObject, WalArchive
 from klio_common.compression import Codec
 from klio_common.crypto import KeyRing
 from klio_common.errors import ConflictError, KlioError
-from klio_common.objects import PartialWriter, read_partial
+from klio_common.partial import PartialWriter, read_partial
 from klio_common.pg.lsn import Lsn
 from klio_common.pg.walname import WalSegment
 
