@@ -93,6 +93,7 @@ def run(lab: Lab, *, runs: int, total_bytes: int) -> dict[str, Any]:
             for variant in order:
                 s3.reset()
                 s3.create_bucket(BUCKET)
+                _evict(tier1 / CLUSTER, paths)
                 if variant == "relay":
                     sample = _relay(config, tier1 / CLUSTER, base, env, len(paths))
                 elif variant == "relay_running":
@@ -107,6 +108,21 @@ def run(lab: Lab, *, runs: int, total_bytes: int) -> dict[str, Any]:
     finally:
         s3.stop()
     return {"bytes": size, "objects": len(paths), "concurrency": CONCURRENCY, "samples": samples}
+
+
+def _evict(cluster_dir: Path, paths: list[str]) -> None:
+    """Drop the objects from the page cache: every variant reads them from the device.
+
+    A backlog (after an outage, or a relay started on a full Tier 1) is not in the cache, and
+    the receiver writes closed segments around it (`fsio.write_direct`): without this, whichever
+    variant ran first paid for reading what the others then found cached.
+    """
+    for rel in paths:
+        fd = os.open(cluster_dir / rel, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def _config(lab: Lab, base: Path, s3: S3Server) -> tuple[Path, Path]:
