@@ -11,6 +11,7 @@ network filesystems: ``EINVAL``) gets buffered writes instead, from then on.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -52,7 +53,6 @@ def syncfs(path: Path) -> None:
     Raises:
         OSError: the flush failed (an I/O error), naming ``path``.
     """
-    import ctypes
 
     # The process's own symbols include libc's (``find_library`` would run ldconfig: 20 ms).
     libc = ctypes.CDLL(None, use_errno=True)
@@ -126,9 +126,7 @@ def write_direct(
     except OSError:
         _direct["ok"] = False
         return False
-    buf: mmap.mmap | None = getattr(_buffers, "buf", None)
-    if buf is None:
-        buf = _buffers.buf = mmap.mmap(-1, _DIRECT_BUFFER)  # page-aligned, reused per thread
+    buf = aligned_buffer(_DIRECT_BUFFER)[0]
     try:
         for offset in range(0, len(view), _DIRECT_BUFFER):
             piece = view[offset : offset + _DIRECT_BUFFER]
@@ -148,6 +146,25 @@ def write_direct(
         return False
     fcntl.fcntl(fd, fcntl.F_SETFL, flags)
     return True
+
+
+def aligned_buffer(size: int) -> tuple[mmap.mmap, int]:
+    """This thread's page-aligned buffer for direct writes, grown to ``size``; and its address.
+
+    One per thread, reused by every direct write on it (`write_direct`, restore's file writer):
+    anonymous memory whose pages are faulted in once, not once per file.
+    """
+    local = _buffers
+    buf: mmap.mmap | None = getattr(local, "buf", None)
+    if buf is None or len(buf) < size:
+        if buf is not None:
+            local.anchor = None  # the ctypes view exports the buffer: release it first
+            buf.close()
+        buf = mmap.mmap(-1, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
+        local.anchor = (ctypes.c_char * len(buf)).from_buffer(buf)
+        local.address = ctypes.addressof(local.anchor)
+        local.buf = buf
+    return buf, int(local.address)
 
 
 def _no_space(path: Path, exc: OSError) -> Retryable:

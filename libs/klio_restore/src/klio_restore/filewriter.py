@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import mmap
 import os
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-ALIGN = 4096
+from klio_common import fsio
+
+ALIGN = fsio.DIRECT_ALIGN
 """Offsets, lengths and buffer addresses of direct writes are multiples of this."""
 
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
@@ -39,7 +39,6 @@ class FileWriter:
 
     def __init__(self, *, direct: bool = True) -> None:
         self._direct = direct and _O_DIRECT != 0
-        self._local = threading.local()
 
     @property
     def direct(self) -> bool:
@@ -71,7 +70,7 @@ class FileWriter:
             self._direct = False
             return 0
         try:
-            buf, address = self._buffer(size)
+            buf, address = fsio.aligned_buffer(size)
             at = 0
             for piece in pieces:
                 n = min(len(piece), size - at)
@@ -100,21 +99,6 @@ class FileWriter:
                 view.release()
         finally:
             os.close(fd)
-
-    def _buffer(self, size: int) -> tuple[mmap.mmap, int]:
-        """This thread's page-aligned buffer (anonymous memory), grown to at least ``size``,
-        and its address."""
-        local = self._local
-        buf: mmap.mmap | None = getattr(local, "buf", None)
-        if buf is None or len(buf) < size:
-            if buf is not None:
-                local.anchor = None  # the ctypes view exports the buffer: release it first
-                buf.close()
-            buf = mmap.mmap(-1, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
-            local.anchor = (ctypes.c_char * len(buf)).from_buffer(buf)
-            local.address = ctypes.addressof(local.anchor)
-            local.buf = buf
-        return buf, int(local.address)
 
 
 def _write_buffered(path: Path, offset: int, pieces: Sequence[bytes], *, skip: int) -> None:
