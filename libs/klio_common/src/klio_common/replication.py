@@ -255,24 +255,31 @@ class ReplicationConnection:
         mv = self._copy_data("COPY stream")
         return None if mv is None else (chr(mv[0]), mv[1:])
 
-    def _copy_data(self, what: str) -> memoryview | None:
+    def _copy_data(self, what: str, *, lent: bool = False) -> memoryview | None:
         """One buffered CopyData message, or None when nothing is buffered.
+
+        With ``lent``, the message is libpq's own buffer, valid until the next read
+        (`libpq.CopyReader`); otherwise a copy the caller may keep.
 
         Raises:
             StreamEnded: the server sent CopyDone.
             Retryable: the connection broke.
         """
         try:
-            nbytes, buf = self.conn.get_copy_data(1)
+            if lent:
+                nbytes, view = self.reader.read()
+            else:
+                nbytes, raw = self.conn.get_copy_data(1)
+                view = memoryview(raw) if nbytes > 0 else None
         except psycopg.OperationalError as exc:
             raise self._broken(what, str(exc)) from exc
+        if view is not None:
+            return view
         if nbytes == 0:
             return None
         if nbytes == -1:
             raise StreamEnded(None, None)
-        if nbytes < 0:
-            raise self._broken(what, self.conn.error_message.decode(errors="replace"))
-        return memoryview(buf)
+        raise self._broken(what, self.conn.error_message.decode(errors="replace"))
 
     def _broken(self, what: str, detail: str) -> Retryable:
         return Retryable(
@@ -314,17 +321,8 @@ class ReplicationConnection:
         Raises:
             StreamEnded: the server sent CopyDone (caller must ``finish_copy``).
         """
-        try:
-            nbytes, mv = self.reader.read()
-        except psycopg.OperationalError as exc:
-            raise self._broken("replication stream", str(exc)) from exc
+        mv = self._copy_data("replication stream", lent=True)
         if mv is None:
-            if nbytes == -1:
-                raise StreamEnded(None, None)
-            if nbytes < -1:
-                raise self._broken(
-                    "replication stream", self.conn.error_message.decode("utf-8", "replace")
-                )
             return None
         kind = mv[0]
         if kind == 0x77:  # 'w'
