@@ -5,34 +5,24 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import nats
 import yaml
 
-from bench.lab import SEGMENT, VENV_BIN, Child, Lab, children_cpu, process_cpu, say
-from klio_common import compression
-from klio_common.catalog.backups import BackupCatalog, BackupManifest, FileEntry
-from klio_common.catalog.chunks import DEFAULT_CHUNK_SIZE, ChunkStore
-from klio_common.catalog.wal import StoredObject, WalArchive
-from klio_common.crypto import KeyRing
-from klio_common.events import BackupDone, Event, WalSegmentClosed
+from bench.lab import VENV_BIN, Child, Lab, children_cpu, process_cpu, say
+from bench.relay_backlog import CLUSTER, evict, fill
+from klio_common.events import Event
 from klio_common.events.codec import encode
 from klio_common.events.subjects import subject
-from klio_common.pg.lsn import Lsn
-from klio_common.pg.walname import WalSegment
-from klio_common.storage.layout import kind_of
 from klio_dev import S3Server
 
-CLUSTER = "tput"  # not the lab's "main": its events must not mix with the other benchmarks'
 BUCKET = "klio-bench"
 VARIANTS = ("relay", "relay_running", "boto3", "boto3_verified")
 CONCURRENCY = 4
@@ -81,7 +71,7 @@ def run(lab: Lab, *, runs: int, total_bytes: int) -> dict[str, Any]:
     s3 = S3Server(lab.root, name="s3-throughput").start()
     try:
         config, tier1 = _config(lab, base, s3)
-        paths, events = _fill(lab, tier1 / CLUSTER, total_bytes)
+        paths, events = fill(lab, tier1 / CLUSTER, total_bytes)
         size = sum((tier1 / CLUSTER / p).stat().st_size for p in paths)
         listing = base / "objects.txt"
         listing.write_text("\n".join(paths) + "\n")
@@ -93,7 +83,7 @@ def run(lab: Lab, *, runs: int, total_bytes: int) -> dict[str, Any]:
             for variant in order:
                 s3.reset()
                 s3.create_bucket(BUCKET)
-                _evict(tier1 / CLUSTER, paths)
+                evict(tier1 / CLUSTER, paths)
                 if variant == "relay":
                     sample = _relay(config, tier1 / CLUSTER, base, env, len(paths))
                 elif variant == "relay_running":
@@ -110,21 +100,6 @@ def run(lab: Lab, *, runs: int, total_bytes: int) -> dict[str, Any]:
     return {"bytes": size, "objects": len(paths), "concurrency": CONCURRENCY, "samples": samples}
 
 
-def _evict(cluster_dir: Path, paths: list[str]) -> None:
-    """Drop the objects from the page cache: every variant reads them from the device.
-
-    A backlog (after an outage, or a relay started on a full Tier 1) is not in the cache, and
-    the receiver writes closed segments around it (`fsio.write_direct`): without this, whichever
-    variant ran first paid for reading what the others then found cached.
-    """
-    for rel in paths:
-        fd = os.open(cluster_dir / rel, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def _config(lab: Lab, base: Path, s3: S3Server) -> tuple[Path, Path]:
     config = lab.klio_config(base, slot="bench_tput", encrypted=True, compression="zstd")
     doc = yaml.safe_load(config.read_text())
@@ -134,112 +109,6 @@ def _config(lab: Lab, base: Path, s3: S3Server) -> tuple[Path, Path]:
     doc["services"]["relay"] = {"http_port": 0, "http_host": "127.0.0.1"}
     config.write_text(yaml.safe_dump(doc))
     return config, base / "tier1"
-
-
-def _fill(lab: Lab, cluster_dir: Path, total: int) -> tuple[list[str], list[Event]]:
-    """Write segments and one backup's chunks (zstd-3 + AES-256-GCM, incompressible data).
-
-    Returns:
-        The objects' paths, and the events that announce them (a ``wal.segment.closed`` per
-        segment, then the backup's ``backup.done``), as the services would publish them.
-    """
-    keyring = KeyRing.load("k1", {"k1": lab.key_file})
-    codec = compression.get("zstd", 3)
-    archive = WalArchive(cluster_dir.parent, CLUSTER)
-    archive.ensure_identity(lab.pg.system_identifier(), SEGMENT, 150000, int(time.time()))
-    count = max(2, round(total * 0.75 / SEGMENT))
-    first = WalSegment(1, 0x100, SEGMENT)
-    segments = [WalSegment(1, first.segno + i, SEGMENT) for i in range(count)]
-    names = [seg.name for seg in segments]
-    system_id = str(lab.pg.system_identifier())
-    events: list[Event] = []
-    for seg in segments:
-        stored = archive.store_segment(
-            seg.name, secrets.token_bytes(SEGMENT), codec=codec, keyring=keyring
-        )
-        events.append(_closed_event(seg, stored, archive, system_id))
-    store = ChunkStore(cluster_dir, keyring, codec)
-    chunks = []
-    for _ in range(max(1, (total - count * SEGMENT) // DEFAULT_CHUNK_SIZE)):
-        piece = secrets.token_bytes(DEFAULT_CHUNK_SIZE)
-        chunk_id = store.chunk_id(piece)
-        store.put(chunk_id, piece)
-        chunks.append(chunk_id)
-    store.sync()
-    started = datetime.now(UTC)
-    catalog = BackupCatalog(cluster_dir, keyring, codec)
-    size = len(chunks) * DEFAULT_CHUNK_SIZE
-    manifest = BackupManifest(
-        id="20260101T000000Z",
-        cluster=CLUSTER,
-        system_id=str(lab.pg.system_identifier()),
-        pg_version=150000,
-        timeline=1,
-        start_lsn=str(Lsn(first.start_lsn)),
-        end_lsn=str(Lsn(first.start_lsn + SEGMENT)),
-        start_time=started,
-        end_time=started + timedelta(seconds=1),
-        label="bench",
-        chunk_size=DEFAULT_CHUNK_SIZE,
-        compression="zstd",
-        key_id="k1",
-        size=size,
-        stored_size=size,
-        new_chunk_bytes=size,
-        chunks_total=len(chunks),
-        chunks_new=len(chunks),
-        wal_start_segment=names[0],
-        wal_end_segment=names[-1],
-        files=[FileEntry(path="base/1/16384", size=size, chunks=chunks)],
-    )
-    catalog.commit(manifest)
-    events.append(
-        BackupDone(
-            event_id=f"bench-{manifest.id}",
-            occurred_at=datetime.now(UTC),
-            cluster=CLUSTER,
-            system_id=system_id,
-            backup_id=manifest.id,
-            timeline=1,
-            start_lsn=manifest.start_lsn,
-            end_lsn=manifest.end_lsn,
-            start_time=manifest.start_time,
-            end_time=manifest.end_time,
-            size=size,
-            stored_size=size,
-            new_chunk_bytes=size,
-            chunks_total=len(chunks),
-            chunks_new=len(chunks),
-        )
-    )
-    paths = sorted(
-        p.relative_to(cluster_dir).as_posix()
-        for p in cluster_dir.rglob("*")
-        if p.is_file() and kind_of(p.relative_to(cluster_dir).as_posix()) is not None
-    )
-    return paths, events
-
-
-def _closed_event(
-    seg: WalSegment, stored: StoredObject, archive: WalArchive, system_id: str
-) -> WalSegmentClosed:
-    h = stored.header
-    return WalSegmentClosed(
-        event_id=f"bench-{seg.name}",
-        occurred_at=datetime.now(UTC),
-        cluster=CLUSTER,
-        system_id=system_id,
-        segment=seg.name,
-        timeline=seg.timeline,
-        start_lsn=str(Lsn(seg.start_lsn)),
-        end_lsn=str(Lsn(seg.end_lsn)),
-        size=h.plaintext_size or 0,
-        stored_size=stored.stored_size,
-        sha256=h.plaintext_sha256 or "",
-        key_id=h.key_id,
-        compression=h.codec,
-        path=archive.relative(stored.path),
-    )
 
 
 class _Journal:

@@ -116,24 +116,10 @@ class PostgresServer:
             ServerError: the data directory exists or initdb failed.
         """
         self._prepare_root()
-        run_as_postgres(
-            [
-                "initdb",
-                "-D",
-                str(self.data_dir),
-                "--data-checksums",
-                "-A",
-                "trust",
-                "--auth-host=scram-sha-256",
-                "-U",
-                "postgres",
-                "--encoding=UTF8",
-                "--locale=C.UTF-8",
-                # Tests kill processes, never the machine: the page cache is durable enough.
-                "--no-sync",
-                "--no-instructions",
-            ]
-        )
+        initdb = ["initdb", "-D", str(self.data_dir), "--data-checksums", "-A", "trust"]
+        initdb += ["--auth-host=scram-sha-256", "-U", "postgres", "--encoding=UTF8"]
+        # Tests kill processes, never the machine: the page cache is durable enough.
+        run_as_postgres([*initdb, "--locale=C.UTF-8", "--no-sync", "--no-instructions"])
         with (self.data_dir / "postgresql.conf").open("a") as conf:
             conf.write(f"\ninclude '{_CONF_FILE}'\n")
         self._write_config()

@@ -2,8 +2,8 @@
 
 The other half of the object format (`klio_common.objects`): an open object's header has no
 plaintext size and no last frame; each append is a frame of its own, authenticated like any
-other, so a reader (`read_partial`) keeps every frame up to a torn or unsynced tail. It shares
-the format's internals (header, frames, sealing), which are private to the two modules.
+other, so a reader (`read_partial`) keeps every frame up to a torn or unsynced tail. It is built
+of the same parts as complete objects: the header, frames and sealing of `klio_common.frames`.
 """
 
 from __future__ import annotations
@@ -18,20 +18,20 @@ from klio_common import crypto, fsio
 from klio_common.compression import Codec
 from klio_common.crypto import KeyRing
 from klio_common.errors import CorruptObject, KlioError, Retryable
-from klio_common.objects import (
-    _FRAME_HEAD,
+from klio_common.frames import (
     FLAG_LAST,
+    FRAME_HEAD,
     MAX_PLAINTEXT_SIZE,
+    BadFrame,
+    Frame,
     ObjectHeader,
-    _BadFrame,
-    _corrupt,
-    _Frame,
-    _new_header,
-    _opener,
-    _parse_header,
-    _Sealer,
-    decode_object,
+    Sealer,
+    corrupt,
+    new_header,
+    opener,
+    parse_header,
 )
+from klio_common.objects import decode_object
 
 
 def read_partial(
@@ -64,21 +64,21 @@ def _read_partial(
     data: bytes, keyring: KeyRing, source: str, max_size: int
 ) -> tuple[ObjectHeader, bytearray, int]:
     view = memoryview(data)
-    header, head, pos = _parse_header(view, source)
+    header, head, pos = parse_header(view, source)
     if header.plaintext_size is not None:
         plain = decode_object(data, keyring, source=source, max_size=max_size)[1]
         return header, bytearray(plain), len(plain)
-    frames: list[_Frame] = []
+    frames: list[Frame] = []
     try:
-        for frame in _opener(header, head, keyring, source).frames(
+        for frame in opener(header, head, keyring, source).frames(
             view, pos, max_size, 2 * max_size
         ):
             if frame.flags & FLAG_LAST:
-                raise _corrupt(source, f"frame {frame.index} is flagged last in an open partial")
+                raise corrupt(source, f"frame {frame.index} is flagged last in an open partial")
             frames.append(frame)
-    except _BadFrame as bad:
+    except BadFrame as bad:
         if not bad.torn(data):
-            raise _corrupt(source, f"frame {bad.index} {bad.reason}") from None
+            raise corrupt(source, f"frame {bad.index} {bad.reason}") from None
     plaintext = bytearray(max((f.offset + len(f.plain) for f in frames), default=0))
     for f in frames:
         plaintext[f.offset : f.offset + len(f.plain)] = f.plain
@@ -104,7 +104,7 @@ class PartialWriter:
     """
 
     def __init__(
-        self, path: Path, sealer: _Sealer, codec: Codec, fd: int, tmp: Path, frame_size: int
+        self, path: Path, sealer: Sealer, codec: Codec, fd: int, tmp: Path, frame_size: int
     ) -> None:
         self.path, self._sealer, self._codec, self._fd, self._tmp = path, sealer, codec, fd, tmp
         self._frame_size, self._size, self._index = frame_size, 0, 0
@@ -127,10 +127,10 @@ class PartialWriter:
     ) -> PartialWriter:
         """Start a partial object at ``path`` (not visible there before the first sync)."""
         path = Path(path)
-        header, data_key = _new_header(
+        header, data_key = new_header(
             kind=kind, name=name, codec=codec, keyring=keyring, size=None, sha=None, extra=None
         )
-        sealer = _Sealer(header, data_key)
+        sealer = Sealer(header, data_key)
         fsio.ensure_dir(path.parent, dir_mode)
         tmp = fsio.temp_path(path)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, file_mode)
@@ -168,7 +168,7 @@ class PartialWriter:
         (a first sync, a frame to split, zeros to add) takes the general path.
         """
         sealer, size = self._sealer, len(data)
-        length = _FRAME_HEAD + size + crypto.TAG_SIZE  # uncompressed and sealed
+        length = FRAME_HEAD + size + crypto.TAG_SIZE  # uncompressed and sealed
         if (
             size > self._frame_size
             or not self._published

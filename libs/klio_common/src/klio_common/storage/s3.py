@@ -1,4 +1,7 @@
-"""The S3 client (aioboto3): conditional, checksummed writes and reads, with actionable errors."""
+"""The S3 client (aioboto3): conditional, checksummed writes and reads, with actionable errors.
+
+The errors, and how botocore's failures map to them, are in `klio_common.storage.s3errors`.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +17,10 @@ import aiohttp
 import botocore.exceptions
 from botocore.config import Config
 
-from klio_common.errors import KlioError, NotFound, Permanent, Retryable
+from klio_common.errors import KlioError, NotFound
 from klio_common.runtime.settings import S3Settings
+from klio_common.storage import s3errors
+from klio_common.storage.s3errors import BucketUnavailable as BucketUnavailable  # re-exported
 from klio_common.storage.signedput import SignedPut
 
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's minimum for every part but the last
@@ -23,44 +28,6 @@ MAX_PARTS = 10_000
 
 RequestObserver = Callable[[str, int], None]
 """Called after every request as ``observer(op, body_bytes_sent)``, failed ones included."""
-
-_CREDENTIALS_HINT = (
-    "S3 credentials come from the standard AWS chain (AWS_ACCESS_KEY_ID and "
-    "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, web identity or the instance role): check them and "
-    "that they may read and write the bucket"
-)
-_ACCESS_CODES = {
-    "AccessDenied",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "ExpiredToken",
-    "InvalidToken",
-    "403",
-}
-_BUCKET_CODES = {"NoSuchBucket", "AllAccessDisabled"}
-_TRANSIENT_CODES = {
-    "RequestTimeout",
-    "RequestTimeTooSkewed",
-    "SlowDown",
-    "Throttling",
-    "ThrottlingException",
-    "ServiceUnavailable",
-    "InternalError",
-    "BadDigest",
-    "XAmzContentSHA256Mismatch",
-}
-
-
-class BucketUnavailable(Retryable):
-    """The bucket cannot be used now: unreachable, refused the credentials, or missing.
-
-    Retryable, since an operator can fix each of these without restarting anything.
-    ``reason`` is the short form for ``/readyz``.
-    """
-
-    def __init__(self, reason: str, *, hint: str | None = None) -> None:
-        self.reason = reason
-        super().__init__(reason, hint=hint)
 
 
 @dataclass(frozen=True)
@@ -219,7 +186,7 @@ class S3Store:
         try:
             return await getattr(self._client, op)(Bucket=self.bucket, **params)
         except (botocore.exceptions.BotoCoreError, aiohttp.ClientError, OSError) as exc:
-            raise self._unreachable(exc, what) from exc
+            raise s3errors.unreachable(exc, self.bucket, self.endpoint, what) from exc
         finally:
             if self._observer is not None:
                 self._observer(op, sent)
@@ -232,40 +199,14 @@ class S3Store:
         try:
             return await self._puts.put(key, data, headers)
         except (botocore.exceptions.BotoCoreError, aiohttp.ClientError, OSError) as exc:
-            raise self._unreachable(exc, f"uploading {key}") from exc
+            raise s3errors.unreachable(exc, self.bucket, self.endpoint, f"uploading {key}") from exc
         finally:
             if self._observer is not None:
                 self._observer("put_object", len(data))
 
-    def _unreachable(self, exc: Exception, what: str) -> BucketUnavailable:
-        if isinstance(exc, botocore.exceptions.NoCredentialsError):
-            return BucketUnavailable(
-                f"no S3 credentials found for bucket '{self.bucket}'", hint=_CREDENTIALS_HINT
-            )
-        return BucketUnavailable(
-            f"bucket unreachable: {what}: cannot reach {self.endpoint}: {exc}",
-            hint="check tier2.s3.endpoint_url, the network and the endpoint's TLS settings",
-        )
-
     def _client_error(self, exc: botocore.exceptions.ClientError, what: str) -> KlioError:
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", ""))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        detail = error.get("Message") or code or f"HTTP {status}"
-        if code in _ACCESS_CODES or status == 403:
-            return BucketUnavailable(
-                f"bucket '{self.bucket}' at {self.endpoint} refused the credentials: "
-                f"{code or status} ({detail})",
-                hint=_CREDENTIALS_HINT,
-            )
-        if code in _BUCKET_CODES:
-            return BucketUnavailable(
-                f"bucket '{self.bucket}' does not exist at {self.endpoint}",
-                hint="create the bucket, or fix tier2.s3.bucket and tier2.s3.endpoint_url",
-            )
-        if code in _TRANSIENT_CODES or status >= 500 or status == 0:
-            return BucketUnavailable(f"bucket unreachable: {what} failed: {code} ({detail})")
-        return Permanent(f"{what} failed: {code or status} ({detail})")
+        """The error for a refusal (`s3errors.client_error`); retention's own requests use it."""
+        return s3errors.client_error(exc, self.bucket, self.endpoint, what)
 
     async def check(self) -> None:
         """Check that the bucket exists and the credentials may list it (one request).
@@ -317,7 +258,7 @@ class S3Store:
         try:
             answer = await self._put(key, data, headers)
         except botocore.exceptions.ClientError as exc:
-            if _precondition_failed(exc):
+            if s3errors.precondition_failed(exc):
                 return None
             raise self._client_error(exc, f"uploading {key}") from exc
         return Stored(etag=answer.get("etag"), checksum_sha256=answer.get("x-amz-checksum-sha256"))
@@ -379,7 +320,7 @@ class S3Store:
                     IfNoneMatch="*",
                 )
             except botocore.exceptions.ClientError as exc:
-                if _precondition_failed(exc):
+                if s3errors.precondition_failed(exc):
                     return False
                 raise
             done = True
@@ -400,7 +341,7 @@ class S3Store:
                 "head_object", f"checking {key}", Key=key, ChecksumMode="ENABLED"
             )
         except botocore.exceptions.ClientError as exc:
-            if _not_found(exc):
+            if s3errors.not_found(exc):
                 return None
             raise self._client_error(exc, f"checking {key}") from exc
         return ObjectInfo(
@@ -421,7 +362,7 @@ class S3Store:
             async with answer["Body"] as body:
                 data: bytes = await body.read()
         except botocore.exceptions.ClientError as exc:
-            if _not_found(exc):
+            if s3errors.not_found(exc):
                 raise NotFound(f"object {key} is not in bucket '{self.bucket}'") from exc
             raise self._client_error(exc, f"downloading {key}") from exc
         except (aiohttp.ClientError, OSError) as exc:
@@ -451,15 +392,3 @@ class S3Store:
             await self._call("delete_object", f"deleting {key}", Key=key)
         except botocore.exceptions.ClientError as exc:
             raise self._client_error(exc, f"deleting {key}") from exc
-
-
-def _precondition_failed(exc: botocore.exceptions.ClientError) -> bool:
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    code = exc.response.get("Error", {}).get("Code")
-    return bool(status == 412 or code == "PreconditionFailed")
-
-
-def _not_found(exc: botocore.exceptions.ClientError) -> bool:
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    code = exc.response.get("Error", {}).get("Code")
-    return bool(status == 404 and code in ("404", "NoSuchKey"))
