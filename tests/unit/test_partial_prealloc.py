@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import pytest
 
-from klio_common import compression
+from klio_common import compression, partial
 from klio_common.crypto import KeyRing
 from klio_common.partial import PartialWriter, read_partial
 from tests.unit.test_objects import ring
@@ -53,3 +54,40 @@ def test_without_preallocation_the_file_ends_at_the_last_frame(tmp_path: Path) -
     w.close()
     assert not path.read_bytes().endswith(bytes(64))
     assert read_partial(path, KeyRing.load(None, {}), source="p")[2] == 10_000
+
+
+def test_append_sync_writes_with_rwf_dsync_and_falls_back_when_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = ring(tmp_path)
+    path = tmp_path / "seg.partial"
+    w = PartialWriter.create(
+        path,
+        name="000000010000000000000003",
+        codec=compression.get("none"),
+        keyring=keys,
+        preallocate=AHEAD,
+    )
+    w.sync()  # published: append_sync takes its short path from now on
+    real, flags_seen = os.pwritev, []
+    refuse = {"on": False}
+
+    def pwritev(fd: int, buffers: list[bytes], offset: int, flags: int = 0) -> int:
+        flags_seen.append(flags)
+        if flags and refuse["on"]:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    monkeypatch.setitem(partial._dsync, "flags", os.RWF_DSYNC)
+    data = os.urandom(9000)
+    w.append_sync(0, memoryview(data)[:3000])
+    assert flags_seen == [os.RWF_DSYNC]  # one system call: the write and its fdatasync
+    refuse["on"] = True
+    w.append_sync(3000, memoryview(data)[3000:6000])
+    w.append_sync(6000, memoryview(data)[6000:])
+    assert flags_seen == [os.RWF_DSYNC, os.RWF_DSYNC, 0, 0]  # refused once, then plain writes
+    w.close()
+    _, plain, valid_end = read_partial(path, keys, source="p")
+    assert valid_end == len(data)
+    assert bytes(plain[:valid_end]) == data

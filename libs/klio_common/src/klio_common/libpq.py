@@ -77,8 +77,11 @@ class CopyReader:
         self.conn = conn
         if not _resolved:
             _resolve()
-        self._fns = _copy_fns
+        self._ptr = getattr(conn, "pgconn_ptr", None)  # every psycopg implementation has it
+        self._fns = _copy_fns if self._ptr is not None else None
+        self._consume = _consume if self._ptr is not None else None
         self._out = ctypes.c_void_p()
+        self._out_ref = ctypes.byref(self._out)
         self._held: int | None = None  # libpq's buffer behind the lent view
         self._lent: list[memoryview] = []  # the message's view and slices of it handed on
 
@@ -88,19 +91,31 @@ class CopyReader:
         Raises:
             psycopg.OperationalError: psycopg's own call failed (fallback only).
         """
-        self.release()
+        if self._lent:
+            self.release()
         fns = self._fns
-        ptr = getattr(self.conn, "pgconn_ptr", None)  # every psycopg implementation has it
-        if fns is None or ptr is None:
+        if fns is None:
             size, buf = self.conn.get_copy_data(1)
             return size, (memoryview(buf) if size > 0 else None)
-        size = fns[0](ptr, ctypes.byref(self._out), 1)
+        size = fns[0](self._ptr, self._out_ref, 1)
         if size <= 0:
             return size, None
-        self._held = self._out.value
-        view: memoryview = _memory_view(self._held, size, _PYBUF_READ)
+        self._held = held = self._out.value
+        view: memoryview = _memory_view(held, size, _PYBUF_READ)
         self._lent.append(view)
         return size, view
+
+    def consume(self) -> None:
+        """`consume_input` of this reader's connection (the pointer looked up once).
+
+        Raises:
+            psycopg.OperationalError: the connection is broken.
+        """
+        if self._consume is None:
+            self.conn.consume_input()
+        elif self._consume(self._ptr) != 1:
+            message = self.conn.error_message.decode(errors="replace").strip()
+            raise psycopg.OperationalError(f"consuming input failed: {message}")
 
     def lend(self, view: memoryview) -> memoryview:
         """Register a slice of the current message, to be released with it; return it."""

@@ -89,6 +89,26 @@ def _read_partial(
     return header, plaintext, valid_end
 
 
+_dsync = {"flags": getattr(os, "RWF_DSYNC", 0)}  # 0 once the kernel or filesystem refused it
+
+
+def _pwritev_dsync(fd: int, parts: list[bytes | memoryview], offset: int) -> int:
+    """``pwritev`` with ``RWF_DSYNC``: the write and its ``fdatasync`` in one system call.
+
+    A kernel or filesystem that refuses the flag (nothing is written then) gets a plain write
+    and an ``fdatasync``, from then on.
+    """
+    try:
+        return os.pwritev(fd, parts, offset, _dsync["flags"])
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    _dsync["flags"] = 0
+    written = os.pwritev(fd, parts, offset)
+    os.fdatasync(fd)
+    return written
+
+
 class PartialWriter:
     """Appends authenticated frames to an open segment (``.partial``) as WAL arrives.
 
@@ -109,6 +129,7 @@ class PartialWriter:
         self.path, self._sealer, self._codec, self._fd, self._tmp = path, sealer, codec, fd, tmp
         self._frame_size, self._size, self._index = frame_size, 0, 0
         self._published = self._closed = self._failed = False
+        self._ready = False  # append_sync's short path applies: published, sealed, raw, sound
         self._ahead = self._allocated = 0  # zero-filled bytes: how many to keep ahead, up to
 
     @classmethod
@@ -164,30 +185,27 @@ class PartialWriter:
     def append_sync(self, offset: int, data: memoryview) -> None:
         """`append` then `sync`: a synchronous standby's per-commit path, kept short.
 
-        One frame, one ``pwritev`` into the zero-filled space, one ``fdatasync``; anything else
-        (a first sync, a frame to split, zeros to add) takes the general path.
+        One frame, one ``pwritev`` into the zero-filled space with ``RWF_DSYNC`` (its
+        ``fdatasync`` in the same system call); anything else (a first sync, a frame to split,
+        zeros to add) takes the general path.
         """
-        sealer, size = self._sealer, len(data)
+        size = len(data)
         length = FRAME_HEAD + size + crypto.TAG_SIZE  # uncompressed and sealed
-        if (
-            size > self._frame_size
-            or not self._published
-            or self._closed
-            or self._failed
-            or self._codec.name != "none"
-            or sealer.cipher is None
-            or self._size + length > self._allocated
-        ):
+        if not self._ready or size > self._frame_size or self._size + length > self._allocated:
             self.append(offset, data)
             self.sync()
             return
-        parts = sealer.seal(self._index, 0, offset, size, data)
+        parts = self._sealer.seal(self._index, 0, offset, size, data)
         try:
-            if os.pwritev(self._fd, parts, self._size) != length:
+            if _dsync["flags"]:
+                written = _pwritev_dsync(self._fd, parts, self._size)
+            else:
+                written = os.pwritev(self._fd, parts, self._size)
+                os.fdatasync(self._fd)
+            if written != length:
                 raise OSError(errno.EIO, "short write")
-            os.fdatasync(self._fd)
         except OSError as exc:
-            self._failed = True  # after a failed write or fsync the file's state is unknown
+            self._fail()  # after a failed write or fsync the file's state is unknown
             raise self._os_error(exc) from exc
         self._index += 1
         self._size += length
@@ -204,8 +222,9 @@ class PartialWriter:
                 self._tmp.replace(self.path)
                 self._published = True
                 fsio.fsync_dir(self.path.parent)
+                self._ready = self._codec.name == "none" and self._sealer.cipher is not None
         except OSError as exc:
-            self._failed = True  # after a failed fsync the page cache state is unknown
+            self._fail()  # after a failed fsync the page cache state is unknown
             raise self._os_error(exc) from exc
 
     def reserve(self) -> None:
@@ -215,7 +234,7 @@ class PartialWriter:
             try:
                 self._zero_fill(self._size + self._ahead)
             except OSError as exc:
-                self._failed = True
+                self._fail()
                 raise self._os_error(exc) from exc
 
     def abandon(self) -> None:
@@ -233,8 +252,12 @@ class PartialWriter:
         finally:
             self._discard()
 
+    def _fail(self) -> None:
+        self._failed = True
+        self._ready = False
+
     def _discard(self) -> None:
-        self._closed = True
+        self._closed, self._ready = True, False
         os.close(self._fd)
         if not self._published:
             self._tmp.unlink(missing_ok=True)
@@ -267,7 +290,7 @@ class PartialWriter:
             while done < len(view):
                 done += os.pwrite(self._fd, view[done:], self._size + done)
         except OSError as exc:
-            self._failed = True
+            self._fail()
             with suppress(OSError):
                 os.ftruncate(self._fd, self._size)  # leave no torn frame behind
             raise self._os_error(exc) from exc

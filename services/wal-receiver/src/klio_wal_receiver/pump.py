@@ -23,7 +23,7 @@ import psycopg
 from psycopg.pq.abc import PGconn
 
 from klio_common.errors import Retryable
-from klio_common.replication import ReplicationConnection, pg_now_us
+from klio_common.replication import PG_EPOCH_US, ReplicationConnection
 from klio_wal_receiver.segments import SegmentWriter
 from klio_wal_receiver.state import ReceiverState
 
@@ -31,6 +31,7 @@ _XLOG = struct.Struct("!QQq")  # 'w': start, wal end, send time
 _KEEPALIVE = struct.Struct("!QqB")  # 'k': wal end, send time, reply requested
 _STATUS = struct.Struct("!cQQQqB")  # 'r': write, flush, apply, now, reply requested
 _HINT = "retrying with backoff"
+STATE_EVERY = 0.1  # seconds between updates of the status and metrics while streaming
 
 
 class SyncPump:
@@ -56,6 +57,8 @@ class SyncPump:
         self.interval = interval
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
+        self._nbytes = 0  # WAL bytes received since the metrics were last brought up to date
+        self._wal_end = 0  # the server's WAL end, as last told
 
     def stop(self) -> None:
         """Ask the pump to end after its current turn (any thread; idempotent)."""
@@ -78,59 +81,82 @@ class SyncPump:
             KlioError: from the writer (a conflict, a full disk...).
         """
         pg = self.conn.detach()
-        writer, state = self.writer, self.state
-        reader, put_copy_data = self.conn.reader, pg.put_copy_data
-        read, lend = reader.read, reader.lend
+        try:
+            return self._run(pg)
+        finally:
+            self._publish()
+
+    def _run(self, pg: PGconn) -> bool:
+        # Every turn of this loop is one commit's round trip on the primary, and on a small node
+        # its CPU comes out of the backends' (its caches are cold after each wait, so every
+        # bytecode counts): it stays flat, and the metrics are brought up to date every
+        # STATE_EVERY seconds, not at every turn.
+        writer, reader = self.writer, self.conn.reader
+        read, lend, consume, put = reader.read, reader.lend, reader.consume, writer.put
+        flush_here, put_copy_data, pg_flush = writer.flush_here, pg.put_copy_data, pg.flush
+        unpack_w, unpack_k, pack_r = _XLOG.unpack_from, _KEEPALIVE.unpack_from, _STATUS.pack
+        monotonic, time_ns = time.monotonic, time.time_ns
         poller = select.poll()
         poller.register(pg.socket, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
-        interval_ms = max(1, int(self.interval * 1000))
+        poll = poller.poll
+        interval = self.interval
+        interval_ms = max(1, int(interval * 1000))
         reported = -1
-        last_status = time.monotonic()
-        nbytes = 0
-        wal_end = 0
+        last_status = last_state = monotonic()
+        size = 0
         while not self._stopping:
             reply = False
-            while True:
-                try:
-                    size, buf = read()  # lent by libpq until the next read: put() copies it
-                except psycopg.OperationalError as exc:
-                    raise self._broken(str(exc)) from exc
-                if buf is None:
-                    break
-                kind = buf[0]
-                if kind == 0x77:  # 'w'
-                    start, end, _ = _XLOG.unpack_from(buf, 1)
-                    writer.put(start, lend(buf[25:]))
-                    nbytes += size - 25
-                    wal_end = max(wal_end, end)
-                elif kind == 0x6B:  # 'k'
-                    end, _, asked = _KEEPALIVE.unpack_from(buf, 1)
-                    wal_end = max(wal_end, end)
-                    reply = reply or bool(asked)
-            if size == -1:
-                return True  # CopyDone: the caller answers it (finish_copy) on the loop
-            if size < -1:
+            try:
+                while True:
+                    size, msg = read()  # lent by libpq until the next read: put() copies it
+                    if msg is None:
+                        break
+                    if msg[0] == 0x77:  # 'w'
+                        start, end, _ = unpack_w(msg, 1)
+                        put(start, lend(msg[25:]))
+                        self._nbytes += size - 25
+                        if end > self._wal_end:
+                            self._wal_end = end
+                    elif msg[0] == 0x6B:  # 'k'
+                        end, _, asked = unpack_k(msg, 1)
+                        if end > self._wal_end:
+                            self._wal_end = end
+                        reply = reply or bool(asked)
+            except psycopg.OperationalError as exc:
+                raise self._broken(str(exc)) from exc
+            if size < 0:
+                if size == -1:
+                    return True  # CopyDone: the caller answers it (finish_copy) on the loop
                 raise self._broken(pg.error_message.decode(errors="replace"))
-            if nbytes:
-                state.received(nbytes, wal_end)
-                nbytes = 0
-            durable = writer.flush_here() if writer.received > writer.durable else writer.durable
-            now = time.monotonic()
-            if reply or durable != reported or now - last_status >= self.interval:
-                received = writer.received
-                msg = _STATUS.pack(b"r", received, durable, 0, pg_now_us(), 0)
-                if put_copy_data(msg) != 1:
+            received = writer.received
+            durable = flush_here() if received > writer.durable else writer.durable
+            now = monotonic()
+            if now - last_state >= STATE_EVERY:
+                self._publish()
+                last_state = now
+            if reply or durable != reported or now - last_status >= interval:
+                status = pack_r(b"r", received, durable, 0, time_ns() // 1000 - PG_EPOCH_US, 0)
+                if put_copy_data(status) != 1:
                     raise self._broken(pg.error_message.decode(errors="replace"))
-                self._flush(pg)
+                if pg_flush() != 0:
+                    self._flush(pg)
                 reported, last_status = durable, now
-                state.flushed(durable, received)
-                self.conn.consume_input()  # WAL that arrived meanwhile: take it before sleeping
-                continue
-            timeout = interval_ms - int((now - last_status) * 1000)
-            if poller.poll(max(1, timeout)):
-                self.conn.consume_input()
+            elif not poll(max(1, interval_ms - int((now - last_status) * 1000))):
+                continue  # nothing arrived: the next turn sends the periodic status
+            try:
+                consume()  # WAL that arrived meanwhile, or that woke the poll
+            except psycopg.OperationalError as exc:
+                raise self._broken(str(exc)) from exc
         return False
+
+    def _publish(self) -> None:
+        """Bring the receiver's status and metrics up to date."""
+        writer, state = self.writer, self.state
+        if self._nbytes:
+            state.received(self._nbytes, self._wal_end)
+            self._nbytes = 0
+        state.flushed(writer.durable, writer.received)
 
     def _flush(self, pg: PGconn) -> None:
         while (pending := pg.flush()) == 1:  # the socket's buffer is full: wait until it drains

@@ -204,6 +204,13 @@ class SegmentWriter:
 
     def put(self, start: int, data: memoryview) -> None:
         """`write` for the streaming thread (`pump.SyncPump`): waits for the worker by blocking."""
+        offset = start - self._base
+        end = offset + len(data)
+        if offset == self._received and self._verify_until <= offset and end < self.seg_size:
+            self._buf[offset:end] = data  # the common case, kept short: once per commit
+            self._received = end
+            self.received = start + end - offset
+            return
         while data:
             start, data = self._place(start, data)
             if self._received == self.seg_size:
@@ -312,11 +319,21 @@ class SegmentWriter:
         The append and fsync run right here, on the open segment's own ``.partial``: the worker
         only closes earlier segments and prepares the next one, so nothing waits for it.
         """
-        self.poll()
-        if self.seg is not None and self._received > self._submitted:
-            lo, hi = self._submitted, self._received
-            self._submitted = hi
+        if self._jobs and self._jobs[0].done():
+            self.poll()
+        lo, hi = self._submitted, self._received
+        if hi <= lo or self.seg is None:
+            return self.durable
+        self._submitted = hi
+        writer = self._part.writer
+        if writer is None:
             self._append_job(self._part, self._buf, lo, hi)
+            return self.durable
+        writer.append_sync(lo, memoryview(self._buf)[lo:hi])
+        # No lock: while the pump runs, only its thread moves `durable` past a segment's start.
+        # The worker's closes end at a segment's end, which this thread made durable (the tail
+        # went into the .partial) before it queued the close (see _close_full).
+        self.durable = self._base + hi
         return self.durable
 
     async def drain(self) -> None:
