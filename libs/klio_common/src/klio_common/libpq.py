@@ -50,8 +50,12 @@ def consume_input(conn: PGconn) -> None:
         conn.consume_input()
         return
     if fn(ptr) != 1:
-        message = conn.error_message.decode(errors="replace").strip()
-        raise psycopg.OperationalError(f"consuming input failed: {message}")
+        raise _consume_failed(conn)
+
+
+def _consume_failed(conn: PGconn) -> psycopg.OperationalError:
+    message = conn.error_message.decode(errors="replace").strip()
+    return psycopg.OperationalError(f"consuming input failed: {message}")
 
 
 def loaded_libpq(maps: str) -> str | None:
@@ -114,8 +118,7 @@ class CopyReader:
         if self._consume is None:
             self.conn.consume_input()
         elif self._consume(self._ptr) != 1:
-            message = self.conn.error_message.decode(errors="replace").strip()
-            raise psycopg.OperationalError(f"consuming input failed: {message}")
+            raise _consume_failed(self.conn)
 
     def lend(self, view: memoryview) -> memoryview:
         """Register a slice of the current message, to be released with it; return it."""

@@ -54,9 +54,9 @@ class Bucket:
         try:
             # S3Store has no call for the lock headers, the lock configuration or a listing
             # with modification times: its request wrapper maps transport errors for us.
-            return await self.store._call(op, what, **params)
+            return await self.store.call(op, what, **params)
         except botocore.exceptions.ClientError as exc:
-            raise self.store._client_error(exc, what) from exc
+            raise self.store.client_error(exc, what) from exc
 
     async def listing(self) -> list[Listed]:
         """Every object under the cluster's prefix."""
@@ -137,7 +137,7 @@ class Bucket:
     async def lock_enabled(self) -> bool:
         """Whether the bucket has object lock (then every object is checked before deletion)."""
         try:
-            answer = await self.store._call(
+            answer = await self.store.call(
                 "get_object_lock_configuration", "reading the object lock configuration"
             )
         except botocore.exceptions.ClientError as exc:
@@ -146,7 +146,7 @@ class Bucket:
                 return False
             if code in _REFUSED:
                 return True  # cannot tell: check each object
-            raise self.store._client_error(exc, "reading the object lock configuration") from exc
+            raise self.store.client_error(exc, "reading the object lock configuration") from exc
         config = answer.get("ObjectLockConfiguration") or {}
         return bool(config.get("ObjectLockEnabled") == "Enabled")
 
@@ -156,14 +156,14 @@ class Bucket:
 
         async def probe(path: str) -> None:
             try:
-                head = await self.store._call(
+                head = await self.store.call(
                     "head_object", f"checking {path}", Key=self.layout.key(path)
                 )
             except botocore.exceptions.ClientError as exc:
                 status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
                 if status == 404:
                     return
-                raise self.store._client_error(exc, f"checking {path}") from exc
+                raise self.store.client_error(exc, f"checking {path}") from exc
             why = lock_reason(head, now)
             if why is not None:
                 found[path] = why
@@ -179,12 +179,12 @@ class Bucket:
         """
         key = self.layout.key(path)
         try:
-            await self.store._call("delete_object", f"deleting {key}", Key=key)
+            await self.store.call("delete_object", f"deleting {key}", Key=key)
         except botocore.exceptions.ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in _REFUSED:
                 return f"the bucket refused the deletion ({code}): object lock or bucket policy"
-            raise self.store._client_error(exc, f"deleting {key}") from exc
+            raise self.store.client_error(exc, f"deleting {key}") from exc
         return None
 
     async def delete_many(self, paths: list[str]) -> dict[str, str]:

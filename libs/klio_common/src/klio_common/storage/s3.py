@@ -180,7 +180,13 @@ class S3Store:
 
     # -- requests -------------------------------------------------------------------------------
 
-    async def _call(self, op: str, what: str, sent: int = 0, **params: Any) -> Any:
+    async def call(self, op: str, what: str, sent: int = 0, **params: Any) -> Any:
+        """One request of the S3 API on this bucket (``op``, botocore's method name).
+
+        Retention's own requests (object lock, deletes) go through here too. A refusal is
+        botocore's ``ClientError``, for the caller to map (`client_error`); an unreachable
+        endpoint is `BucketUnavailable`, naming ``what`` was being done.
+        """
         if self._client is None:
             await self.open()
         try:
@@ -192,7 +198,7 @@ class S3Store:
                 self._observer(op, sent)
 
     async def _put(self, key: str, data: bytes, headers: dict[str, str]) -> dict[str, str]:
-        """A PutObject through `SignedPut` (the upload hot path), with `_call`'s errors."""
+        """A PutObject through `SignedPut` (the upload hot path), with `call`'s errors."""
         if self._puts is None:
             await self.open()
         assert self._puts is not None
@@ -204,7 +210,7 @@ class S3Store:
             if self._observer is not None:
                 self._observer("put_object", len(data))
 
-    def _client_error(self, exc: botocore.exceptions.ClientError, what: str) -> KlioError:
+    def client_error(self, exc: botocore.exceptions.ClientError, what: str) -> KlioError:
         """The error for a refusal (`s3errors.client_error`); retention's own requests use it."""
         return s3errors.client_error(exc, self.bucket, self.endpoint, what)
 
@@ -217,11 +223,11 @@ class S3Store:
             Permanent: any other refusal.
         """
         try:
-            await self._call(
+            await self.call(
                 "list_objects_v2", "listing the bucket", Prefix=self.settings.prefix, MaxKeys=1
             )
         except botocore.exceptions.ClientError as exc:
-            raise self._client_error(exc, f"listing bucket '{self.bucket}'") from exc
+            raise self.client_error(exc, f"listing bucket '{self.bucket}'") from exc
 
     async def put_if_absent(
         self,
@@ -260,7 +266,7 @@ class S3Store:
         except botocore.exceptions.ClientError as exc:
             if s3errors.precondition_failed(exc):
                 return None
-            raise self._client_error(exc, f"uploading {key}") from exc
+            raise self.client_error(exc, f"uploading {key}") from exc
         return Stored(etag=answer.get("etag"), checksum_sha256=answer.get("x-amz-checksum-sha256"))
 
     async def put_multipart_if_absent(
@@ -279,7 +285,7 @@ class S3Store:
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part size {part_size} is below S3's minimum of {MIN_PART_SIZE}")
         try:
-            started = await self._call(
+            started = await self.call(
                 "create_multipart_upload",
                 f"starting the upload of {key}",
                 Key=key,
@@ -287,7 +293,7 @@ class S3Store:
                 Metadata=dict(metadata or {}),
             )
         except botocore.exceptions.ClientError as exc:
-            raise self._client_error(exc, f"starting the upload of {key}") from exc
+            raise self.client_error(exc, f"starting the upload of {key}") from exc
         upload_id = started["UploadId"]
         done = False
         try:
@@ -296,7 +302,7 @@ class S3Store:
             for number, offset in enumerate(range(0, len(data), part_size), start=1):
                 body = bytes(view[offset : offset + part_size])
                 checksum = sha256_checksum(body)
-                answer = await self._call(
+                answer = await self.call(
                     "upload_part",
                     f"uploading part {number} of {key}",
                     len(body),
@@ -311,7 +317,7 @@ class S3Store:
                     {"PartNumber": number, "ETag": answer["ETag"], "ChecksumSHA256": checksum}
                 )
             try:
-                await self._call(
+                await self.call(
                     "complete_multipart_upload",
                     f"completing the upload of {key}",
                     Key=key,
@@ -325,11 +331,11 @@ class S3Store:
                 raise
             done = True
         except botocore.exceptions.ClientError as exc:
-            raise self._client_error(exc, f"uploading {key}") from exc
+            raise self.client_error(exc, f"uploading {key}") from exc
         finally:
             if not done:
                 with contextlib.suppress(KlioError, botocore.exceptions.ClientError):
-                    await self._call(
+                    await self.call(
                         "abort_multipart_upload", f"aborting {key}", Key=key, UploadId=upload_id
                     )
         return True
@@ -337,13 +343,13 @@ class S3Store:
     async def head(self, key: str) -> ObjectInfo | None:
         """Size, stored checksum and metadata of ``key``, or None when it does not exist."""
         try:
-            answer = await self._call(
+            answer = await self.call(
                 "head_object", f"checking {key}", Key=key, ChecksumMode="ENABLED"
             )
         except botocore.exceptions.ClientError as exc:
             if s3errors.not_found(exc):
                 return None
-            raise self._client_error(exc, f"checking {key}") from exc
+            raise self.client_error(exc, f"checking {key}") from exc
         return ObjectInfo(
             key=key,
             size=int(answer["ContentLength"]),
@@ -358,13 +364,13 @@ class S3Store:
             NotFound: no such object; BucketUnavailable / Permanent: see `check`.
         """
         try:
-            answer = await self._call("get_object", f"downloading {key}", Key=key)
+            answer = await self.call("get_object", f"downloading {key}", Key=key)
             async with answer["Body"] as body:
                 data: bytes = await body.read()
         except botocore.exceptions.ClientError as exc:
             if s3errors.not_found(exc):
                 raise NotFound(f"object {key} is not in bucket '{self.bucket}'") from exc
-            raise self._client_error(exc, f"downloading {key}") from exc
+            raise self.client_error(exc, f"downloading {key}") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise BucketUnavailable(f"bucket unreachable: downloading {key}: {exc}") from exc
         return data
@@ -377,9 +383,9 @@ class S3Store:
             if token:
                 params["ContinuationToken"] = token
             try:
-                page = await self._call("list_objects_v2", f"listing {prefix}", **params)
+                page = await self.call("list_objects_v2", f"listing {prefix}", **params)
             except botocore.exceptions.ClientError as exc:
-                raise self._client_error(exc, f"listing {prefix}") from exc
+                raise self.client_error(exc, f"listing {prefix}") from exc
             for item in page.get("Contents", []):
                 yield ObjectInfo(key=item["Key"], size=int(item["Size"]))
             token = page.get("NextContinuationToken")
@@ -389,6 +395,6 @@ class S3Store:
     async def delete(self, key: str) -> None:
         """Delete ``key`` (no error when it does not exist)."""
         try:
-            await self._call("delete_object", f"deleting {key}", Key=key)
+            await self.call("delete_object", f"deleting {key}", Key=key)
         except botocore.exceptions.ClientError as exc:
-            raise self._client_error(exc, f"deleting {key}") from exc
+            raise self.client_error(exc, f"deleting {key}") from exc

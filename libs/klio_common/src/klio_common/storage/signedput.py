@@ -83,7 +83,7 @@ class SignedPut:
                 continue
             if 200 <= status < 300:
                 return answer
-            error = _client_error(status, body, answer)
+            error = botocore_error(status, body, answer)
             code = error.response["Error"]["Code"]
             if attempt < self._attempts and (status in _RETRY_STATUS or code in _RETRY_CODES):
                 await asyncio.sleep(_BACKOFF)
@@ -141,7 +141,7 @@ def _ssl_context(verify: bool | str) -> ssl.SSLContext:
     return context
 
 
-def _client_error(
+def botocore_error(
     status: int, body: bytes, headers: Mapping[str, str]
 ) -> botocore.exceptions.ClientError:
     """The `ClientError` botocore would raise for this answer."""
