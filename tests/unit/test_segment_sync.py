@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 from pathlib import Path
+
+import pytest
 
 from klio_common import compression
 from klio_common.catalog.wal import WalArchive
@@ -63,6 +66,33 @@ def test_next_segment_is_durable_while_the_previous_object_is_written(tmp_path: 
     assert writer.archive.read(first.name, keys) == data[:SEG]
     # the open segment's .partial stays; nothing else (no closed partial, no prepared temp file)
     assert leftovers(writer) == [f"{first.next().name}.partial"]
+
+
+def test_commits_go_to_the_partial_with_direct_io(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = ring(tmp_path)
+    writer = sync_writer(tmp_path, keys, [])
+    seg = WalSegment.from_lsn(1, 5 * SEG, SEG)
+    writer.open(seg)
+    data = os.urandom(7 * 700)
+    writer.put(seg.start_lsn, memoryview(data)[:700])
+    writer.flush_here()  # the first sync publishes the file, on the general path
+    direct: list[bool] = []
+    real = os.pwritev
+
+    def pwritev(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
+        direct.append(bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT))
+        return real(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    for pos in range(700, len(data), 700):
+        writer.put(seg.start_lsn + pos, memoryview(data)[pos : pos + 700])
+        assert writer.flush_here() == seg.start_lsn + pos + 700
+    assert direct == [True] * 6  # one direct write per commit
+    _, plain, valid_end = read_partial(writer.partial_path(seg), keys, source="p")
+    assert valid_end == len(data) and bytes(plain) == data
+    writer.close()
 
 
 def test_recover_closes_a_complete_partial_and_keeps_an_incomplete_one(tmp_path: Path) -> None:

@@ -130,6 +130,17 @@ class Sealer:
         fields = _FRAME.pack(len(payload), flags, offset, size)
         return [fields, _U32.pack(_frame_crc(fields, payload, self.cipher is not None)), payload]
 
+    def seal_into(self, buf: memoryview, index: int, offset: int, data: memoryview) -> None:
+        """`seal` ``data`` uncompressed into ``buf``, which is exactly the frame's size
+        (``FRAME_HEAD + len(data) + TAG_SIZE``); only with a cipher, no flags."""
+        assert self.cipher is not None, "seal_into needs a data key"
+        size = len(data)
+        _FRAME.pack_into(buf, 0, size + crypto.TAG_SIZE, 0, offset, size)
+        _U32.pack_into(buf, _FRAME.size, zlib.crc32(buf[: _FRAME.size]))
+        nonce = self.prefix + _NONCE_INDEX.pack(index)
+        aad = _AAD.pack(self.digest, index, 0, offset, size)
+        self.cipher.encrypt_into(nonce, data, aad, buf[FRAME_HEAD:])
+
 
 def _frame_crc(fields: bytes | memoryview, payload: bytes | memoryview, sealed: bool) -> int:
     """CRC-32 of a frame: of its fields only when encrypted (the AEAD tag already covers the

@@ -17,6 +17,7 @@ from types import TracebackType
 from klio_common import crypto, fsio
 from klio_common.compression import Codec
 from klio_common.crypto import KeyRing
+from klio_common.directio import BLOCK, DirectTail
 from klio_common.errors import CorruptObject, KlioError, Retryable
 from klio_common.frames import (
     FLAG_LAST,
@@ -98,12 +99,13 @@ def _pwritev_dsync(fd: int, parts: list[bytes | memoryview], offset: int) -> int
     A kernel or filesystem that refuses the flag (nothing is written then) gets a plain write
     and an ``fdatasync``, from then on.
     """
-    try:
-        return os.pwritev(fd, parts, offset, _dsync["flags"])
-    except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-            raise
-    _dsync["flags"] = 0
+    if _dsync["flags"]:
+        try:
+            return os.pwritev(fd, parts, offset, _dsync["flags"])
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        _dsync["flags"] = 0
     written = os.pwritev(fd, parts, offset)
     os.fdatasync(fd)
     return written
@@ -120,7 +122,8 @@ class PartialWriter:
     With ``preallocate`` (a synchronous standby, where a COMMIT waits for every sync), the
     file is zero-filled that far ahead of the frames, so a sync only has data to flush
     (``fdatasync``, no size or extent change to journal). Readers stop at the zeros after the
-    last frame, as after a torn write (`read_partial`).
+    last frame, as after a torn write (`read_partial`). With ``direct`` too, `append_sync`
+    writes with ``O_DIRECT`` where the file system allows it (`klio_common.directio`).
     """
 
     def __init__(
@@ -131,6 +134,8 @@ class PartialWriter:
         self._published = self._closed = self._failed = False
         self._ready = False  # append_sync's short path applies: published, sealed, raw, sound
         self._ahead = self._allocated = 0  # zero-filled bytes: how many to keep ahead, up to
+        self._direct: DirectTail | None = None  # append_sync's direct writes, once probed
+        self._want_direct = False  # probe for direct I/O at the first zero-fill
 
     @classmethod
     def create(
@@ -145,6 +150,7 @@ class PartialWriter:
         dir_mode: int = 0o750,
         frame_size: int = 1 << 20,
         preallocate: int = 0,
+        direct: bool = False,
     ) -> PartialWriter:
         """Start a partial object at ``path`` (not visible there before the first sync)."""
         path = Path(path)
@@ -157,6 +163,7 @@ class PartialWriter:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, file_mode)
         writer = cls(path, sealer, codec, fd, tmp, frame_size)
         writer._ahead = preallocate
+        writer._want_direct = direct and preallocate > 0
         try:
             os.fchmod(fd, file_mode)
             writer._write([sealer.head])
@@ -169,6 +176,11 @@ class PartialWriter:
     def header_size(self) -> int:
         """Bytes taken by the header at the start of the file."""
         return len(self._sealer.head)
+
+    @property
+    def direct_io(self) -> bool:
+        """Whether `append_sync` writes with ``O_DIRECT`` (probed at the first zero-fill)."""
+        return self._direct is not None
 
     def append(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` (plaintext at ``offset`` in the segment) as one or more frames."""
@@ -186,8 +198,8 @@ class PartialWriter:
         """`append` then `sync`: a synchronous standby's per-commit path, kept short.
 
         One frame, one ``pwritev`` into the zero-filled space with ``RWF_DSYNC`` (its
-        ``fdatasync`` in the same system call); anything else (a first sync, a frame to split,
-        zeros to add) takes the general path.
+        ``fdatasync`` in the same system call), direct where the file system allows it;
+        anything else (a first sync, a frame to split, zeros to add) takes the general path.
         """
         size = len(data)
         length = FRAME_HEAD + size + crypto.TAG_SIZE  # uncompressed and sealed
@@ -195,13 +207,15 @@ class PartialWriter:
             self.append(offset, data)
             self.sync()
             return
-        parts = self._sealer.seal(self._index, 0, offset, size, data)
+        direct = self._direct
         try:
-            if _dsync["flags"]:
-                written = _pwritev_dsync(self._fd, parts, self._size)
+            if direct is not None:
+                self._sealer.seal_into(direct.space(self._size, length), self._index, offset, data)
+                direct.append(length)
+                written = length
             else:
-                written = os.pwritev(self._fd, parts, self._size)
-                os.fdatasync(self._fd)
+                parts = self._sealer.seal(self._index, 0, offset, size, data)
+                written = _pwritev_dsync(self._fd, parts, self._size)
             if written != length:
                 raise OSError(errno.EIO, "short write")
         except OSError as exc:
@@ -258,6 +272,8 @@ class PartialWriter:
 
     def _discard(self) -> None:
         self._closed, self._ready = True, False
+        if self._direct is not None:
+            self._direct.close()
         os.close(self._fd)
         if not self._published:
             self._tmp.unlink(missing_ok=True)
@@ -283,6 +299,8 @@ class PartialWriter:
 
     def _write(self, parts: list[bytes | memoryview]) -> None:
         view = memoryview(b"".join(parts))
+        if self._direct is not None:
+            self._direct.invalidate()  # its copy of the last block is out of date
         try:
             if self._ahead and self._size + len(view) > self._allocated:
                 self._zero_fill(self._size + len(view) + self._ahead)
@@ -305,6 +323,13 @@ class PartialWriter:
             pos += os.pwrite(self._fd, memoryview(zeros)[: end - pos], pos)
         os.fsync(self._fd)  # the new size and extents, once, not at every frame's sync
         self._allocated = end
+        if self._want_direct:
+            self._want_direct = False
+            probe = -(-start // BLOCK) * BLOCK  # a block of the zeros just made durable
+            if probe + BLOCK <= end:
+                path = self.path if self._published else self._tmp
+                capacity = FRAME_HEAD + self._frame_size + crypto.TAG_SIZE
+                self._direct = DirectTail.open(path, capacity, probe)
 
     def _os_error(self, exc: OSError) -> Exception:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -154,6 +154,7 @@ class SegmentWriter:
             file_mode=self.archive.file_mode,
             dir_mode=self.archive.dir_mode,
             preallocate=self.preallocate,
+            direct=self.synchronous,
         )
         if reserve:
             writer.reserve()
