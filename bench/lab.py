@@ -167,9 +167,14 @@ class Lab:
         return done
 
     def switch_wal(self) -> int:
-        """Finish the current segment; return the LSN where WAL now ends (a segment boundary)."""
-        self.pg.execute("SELECT pg_switch_wal()")
-        return self.lsn()
+        """Finish the current segment; return where it ends (a segment boundary).
+
+        The end ``pg_switch_wal()`` reports, not the current position: autovacuum or hint bits
+        (with data checksums, they write full-page images) may write WAL right after the switch,
+        and a caller waiting for the segment of a position past it would wait for a segment
+        nothing fills.
+        """
+        return self.lsn("pg_switch_wal()")
 
     def pgbench_init(self, scale: int) -> None:
         """``pgbench -i -s scale`` in database postgres."""
