@@ -16,7 +16,8 @@ the append is what the file held there.
 
 Only where the file system accepts it: `DirectTail.open` probes with a direct write of zeros over
 zeros, and returns None when the file system refuses (``EINVAL``: tmpfs on older kernels, some
-network and FUSE file systems), in which case the caller writes through the page cache.
+network and FUSE file systems; ``EACCES`` where the file's mode does not let its owner write a
+second descriptor), in which case the caller writes through the page cache.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 
 BLOCK = 4096  # a multiple of every logical block size Linux file systems use for direct I/O
 _ZEROS = bytes(BLOCK)
-_REFUSED = (errno.EINVAL, errno.EOPNOTSUPP)
+_REFUSED = (errno.EINVAL, errno.EOPNOTSUPP, errno.EACCES, errno.EPERM)  # EACCES: a read-only mode
 
 
 class DirectTail:
@@ -58,6 +59,8 @@ class DirectTail:
         Raises:
             OSError: other than a refusal of direct I/O (a full disk, an I/O error...).
         """
+        if not hasattr(os, "O_DIRECT") or not hasattr(os, "RWF_DSYNC"):
+            return None  # not Linux
         try:
             fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
         except OSError as exc:
