@@ -169,12 +169,14 @@ class Lab:
     def switch_wal(self) -> int:
         """Finish the current segment; return where it ends (a segment boundary).
 
-        The end ``pg_switch_wal()`` reports, not the current position: autovacuum or hint bits
-        (with data checksums, they write full-page images) may write WAL right after the switch,
-        and a caller waiting for the segment of a position past it would wait for a segment
-        nothing fills.
+        From what ``pg_switch_wal()`` reports (the end of its switch record), not from the current
+        position: autovacuum or hint bits (with data checksums, they write full-page images) may
+        write WAL right after the switch, and a caller waiting for the segment of a position past
+        it would wait for a segment nothing fills.
         """
-        return self.lsn("pg_switch_wal()")
+        switched = self.lsn("pg_switch_wal()")
+        size = int(self.pg.sql("SELECT pg_size_bytes(current_setting('wal_segment_size'))")[0][0])
+        return -(-switched // size) * size
 
     def pgbench_init(self, scale: int) -> None:
         """``pgbench -i -s scale`` in database postgres."""
