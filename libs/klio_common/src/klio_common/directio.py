@@ -90,7 +90,7 @@ class DirectTail:
         """
         if size > self.capacity:
             raise ValueError(f"append of {size} bytes over the direct tail's {self.capacity}")
-        if self._start + self._fill != end or self._start < 0:
+        if self._start < 0 or self._start + self._fill != end:
             self._load(end)
         return self._view[self._fill : self._fill + size]
 

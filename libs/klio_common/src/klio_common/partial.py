@@ -209,15 +209,13 @@ class PartialWriter:
             return
         direct = self._direct
         try:
-            if direct is not None:
+            if direct is not None:  # it checks its own write
                 self._sealer.seal_into(direct.space(self._size, length), self._index, offset, data)
                 direct.append(length)
-                written = length
             else:
                 parts = self._sealer.seal(self._index, 0, offset, size, data)
-                written = _pwritev_dsync(self._fd, parts, self._size)
-            if written != length:
-                raise OSError(errno.EIO, "short write")
+                if _pwritev_dsync(self._fd, parts, self._size) != length:
+                    raise OSError(errno.EIO, "short write")
         except OSError as exc:
             self._fail()  # after a failed write or fsync the file's state is unknown
             raise self._os_error(exc) from exc
