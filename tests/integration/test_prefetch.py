@@ -48,8 +48,13 @@ def klio(
 def prefetchers(root: Path) -> list[int]:
     """Pids of live prefetchers holding a spool lock anywhere below ``root``."""
     found = []
-    for lock in root.glob("**/.klio-prefetch/lock"):
-        owner = spool.read_owner(str(lock.parent))
+    # os.walk skips a directory that vanishes under it (a prefetcher removing its run
+    # directory), where Path.glob("**/...") raised FileNotFoundError
+    for directory, subdirectories, files in os.walk(root):
+        if Path(directory).name != ".klio-prefetch":
+            continue
+        subdirectories.clear()  # the spool's own run directories come and go
+        owner = spool.read_owner(directory) if "lock" in files else None
         if owner is not None and spool.is_prefetcher(owner.pid):
             found.append(owner.pid)
     return found
