@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -76,11 +77,8 @@ def test_a_refused_probe_gives_no_tail(tmp_path: Path, monkeypatch: pytest.Monke
         opened.append(fd)
         return fd
 
-    def refuse(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
-        raise OSError(errno.EINVAL, "Invalid argument")
-
     monkeypatch.setattr(os, "open", track_open)
-    monkeypatch.setattr(os, "pwritev", refuse)
+    monkeypatch.setattr(os, "pwritev", _failing(errno.EINVAL))
     assert DirectTail.open(path, 4096, zeros_at=0) is None
     with pytest.raises(OSError):
         real_close(opened[0])  # the probe's descriptor was closed
@@ -89,7 +87,7 @@ def test_a_refused_probe_gives_no_tail(tmp_path: Path, monkeypatch: pytest.Monke
         DirectTail.open(path, 4096, zeros_at=0)  # not a refusal: the error is the caller's
 
 
-def _failing(code: int):  # type: ignore[no-untyped-def]
+def _failing(code: int) -> Callable[..., int]:
     def pwritev(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
         raise OSError(code, os.strerror(code))
 

@@ -71,13 +71,10 @@ class DirectTail:
         try:
             tail._view[:BLOCK] = _ZEROS
             tail._write(BLOCK, zeros_at)
-        except OSError as exc:
+        except BaseException as exc:
             tail.close()
-            if exc.errno in _REFUSED:
+            if isinstance(exc, OSError) and exc.errno in _REFUSED:
                 return None
-            raise
-        except BaseException:
-            tail.close()
             raise
         return tail
 
