@@ -267,3 +267,24 @@ def test_a_full_disk_under_a_direct_write_leaves_nothing(
     with pytest.raises(Retryable, match="no space left on device"):
         fsio.write_exclusive(tmp_path / "seg", os.urandom(fsio.DIRECT_MIN), direct=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_direct_write_cut_short_by_a_filling_device_keeps_direct_io(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(fsio._direct, "ok", True)
+    real = os.pwrite
+    calls: list[int] = []
+
+    def filling(fd: int, data: memoryview, offset: int) -> int:
+        calls.append(offset)
+        if len(calls) == 1:  # what fits: the kernel writes part of it and returns the count
+            return real(fd, data[: fsio.DIRECT_ALIGN], offset)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", filling)
+    with pytest.raises(Retryable, match="no space left on device"):
+        fsio.write_exclusive(tmp_path / "seg", os.urandom(fsio.DIRECT_MIN), direct=True)
+    assert calls == [0, fsio.DIRECT_ALIGN]  # the rest was tried, and the device said why
+    assert list(tmp_path.iterdir()) == []
+    assert fsio._direct["ok"] is True  # a full device is not a refusal of direct I/O

@@ -134,8 +134,7 @@ def write_direct(
             padded = -(-len(piece) // DIRECT_ALIGN) * DIRECT_ALIGN
             buf[len(piece) : padded] = bytes(padded - len(piece))
             with memoryview(buf) as whole:
-                if os.pwrite(fd, whole[:padded], offset) != padded:
-                    raise OSError(errno.EINVAL, "short direct write")
+                _pwrite_all(fd, whole[:padded], offset)
         os.ftruncate(fd, len(view))
     except OSError as exc:
         if exc.errno != errno.EINVAL:
@@ -146,6 +145,17 @@ def write_direct(
         return False
     fcntl.fcntl(fd, fcntl.F_SETFL, flags)
     return True
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset``. A short write (the device filling up) is followed by
+    another, which raises the device's error: it is not a refusal of direct I/O."""
+    done = 0
+    while done < len(data):
+        written = os.pwrite(fd, data[done:], offset + done)
+        if written <= 0 or written % DIRECT_ALIGN:
+            raise OSError(errno.EIO, f"direct write of {len(data) - done} bytes wrote {written}")
+        done += written
 
 
 def aligned_buffer(size: int) -> tuple[mmap.mmap, int]:
