@@ -24,7 +24,7 @@ from klio_common import compression, fsio
 from klio_common.catalog.wal import StoredObject, WalArchive
 from klio_common.compression import Codec
 from klio_common.crypto import KeyRing
-from klio_common.errors import ConflictError, KlioError
+from klio_common.errors import ConflictError, KlioError, Retryable
 from klio_common.partial import PartialWriter, read_partial
 from klio_common.pg.lsn import Lsn
 from klio_common.pg.walname import WalSegment
@@ -84,6 +84,7 @@ class SegmentWriter:
         self.on_closed = on_closed
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"klio-wal-{archive.cluster}")
         self._jobs: deque[Future[None]] = deque()
+        self._failed = False  # a job failed: the worker runs none after it
         self.seg: WalSegment | None = None
         self._base = 0  # the open segment's first LSN
         self._buf = bytearray()
@@ -297,7 +298,22 @@ class SegmentWriter:
     # -- flushing -----------------------------------------------------------------------------
 
     def _submit(self, job: Callable[[], None]) -> None:
-        self._jobs.append(self._pool.submit(job))
+        self._jobs.append(self._pool.submit(self._run, job))
+
+    def _run(self, job: Callable[[], None]) -> None:
+        # After a failed job (a close that found the volume full...), the jobs queued behind it
+        # must not run: an append to the next segment would make WAL durable beyond a segment
+        # the archive does not hold, and the stream would resume past the hole.
+        if self._failed:
+            raise Retryable(
+                "not written: an earlier write to the archive of this stream failed",
+                hint="the stream restarts from what the archive holds",
+            )
+        try:
+            job()
+        except BaseException:
+            self._failed = True
+            raise
 
     def poll(self) -> None:
         """Reap finished worker jobs; re-raise the first failure."""
