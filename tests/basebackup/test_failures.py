@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from tests.basebackup.helpers import (
     wait_backups,
     wait_event,
 )
-from tests.fixtures.paths import KlioConfigWriter
+from tests.fixtures.paths import KlioConfigWriter, Volume
 from tests.wal_receiver.helpers import receiver_inprocess
 
 
@@ -152,3 +153,38 @@ def test_stopping_the_service_mid_backup_aborts_and_says_so(
     assert failed["backup_id"] == lease.id
     assert failed["reason"] == "the basebackup service stopped during the backup"
     assert catalog.ids() == [] and list(catalog.dir.iterdir()) == []
+
+
+def test_backup_onto_a_full_volume_fails_cleanly_and_the_next_succeeds(
+    pg: Any,
+    nats_server: Any,
+    small_volume: Callable[[int], Volume],
+    keyring_files: dict[str, Path],
+    klio_config: KlioConfigWriter,
+) -> None:
+    # 40 MB that no compression shrinks, on a 24 MB volume: the backup runs out of space.
+    pg.execute("CREATE TABLE noise (b bytea)")
+    for _ in range(10):
+        pg.execute(
+            "INSERT INTO noise SELECT decode(string_agg(md5(random()::text), ''), 'hex')"
+            " FROM generate_series(1, 262144)"
+        )
+    volume = small_volume(24)
+    settings = _config(klio_config, pg, nats_server, volume.path, keyring_files, wal_timeout=60)
+    catalog = catalog_of(settings)
+    with receiver_inprocess(settings), basebackup_inprocess(settings):
+        request_backup(settings, "too-big")
+        (failed,) = wait_event(nats_server.url, "klio.main.backup.failed")
+        assert failed["request_id"] == "too-big"
+        assert "no space left on device" in failed["reason"], failed["reason"]
+        assert catalog.ids() == [] and catalog.leases() == []
+        assert not catalog.backup_dir(failed["backup_id"]).exists()
+        half_written = [p for p in volume.path.rglob("*") if ".tmp-" in p.name]
+        assert half_written == []
+
+        volume.grow(160)
+        request_backup(settings, "again")
+        (done,) = wait_event(nats_server.url, "klio.main.backup.done")
+    assert catalog.ids() == [done["backup_id"]]
+    manifest = catalog.load(done["backup_id"])
+    assert manifest.chunks_new == manifest.chunks_total  # nothing the failed backup left trusted

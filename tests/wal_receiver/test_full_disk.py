@@ -8,10 +8,9 @@ segment announced.
 
 from __future__ import annotations
 
-import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import pytest
 
 from klio_dev.ports import free_port
 from klio_dev.waiting import wait_until
+from tests.fixtures.paths import Volume
 from tests.wal_receiver.helpers import (
     announced,
     archive_end,
@@ -34,33 +34,6 @@ from tests.wal_receiver.helpers import (
 VOLUME_MB = 48  # a synchronous standby zero-fills 17 MB per .partial, the open and the next one
 FILL_MB = 4  # random bytes per INSERT: WAL that compresses to nothing less
 MAX_FILLS = 40
-
-
-class Volume:
-    """A tmpfs of ``VOLUME_MB`` mounted at ``path``, which can grow like a resized volume."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.mkdir()
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={VOLUME_MB}m,mode=0755", "tmpfs", str(path)],
-            check=True,
-        )
-
-    def grow(self, megabytes: int) -> None:
-        subprocess.run(["mount", "-o", f"remount,size={megabytes}m", str(self.path)], check=True)
-
-    def unmount(self) -> None:
-        subprocess.run(["umount", "--lazy", str(self.path)], check=True)
-
-
-@pytest.fixture
-def volume(workdir: Path) -> Iterator[Volume]:
-    vol = Volume(workdir / "tier1")
-    try:
-        yield vol
-    finally:
-        vol.unmount()
 
 
 def _readyz(port: int) -> tuple[int, str]:
@@ -86,11 +59,12 @@ def _slot_flush(pg: Any) -> int:
 def test_full_volume_is_reported_and_archiving_resumes_when_it_grows(
     pg: Any,
     nats_server: Any,
-    volume: Volume,
+    small_volume: Callable[[int], Volume],
     keyring_files: dict[str, Path],
     workdir: Path,
     synchronous: bool,
 ) -> None:
+    volume = small_volume(VOLUME_MB)
     port = free_port()
     config = write_config(
         workdir / "k.yaml",

@@ -177,7 +177,10 @@ def aligned_buffer(size: int) -> tuple[mmap.mmap, int]:
     return buf, int(local.address)
 
 
-def _no_space(path: Path, exc: OSError) -> Retryable:
+def space_error(path: Path, exc: OSError) -> Exception:
+    """``exc`` as raised, or, for a full device or quota, a `Retryable` that says so."""
+    if exc.errno not in _NO_SPACE:
+        return exc
     return Retryable(
         f"no space left on device writing {path}: {exc.strerror}",
         hint="free space on the Tier-1 volume or grow it; nothing was written",
@@ -200,9 +203,10 @@ def _write_temp(
             os.close(fd)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        if exc.errno in _NO_SPACE:
-            raise _no_space(path, exc) from exc
-        raise
+        error = space_error(path, exc)
+        if error is exc:
+            raise
+        raise error from exc
     return tmp
 
 

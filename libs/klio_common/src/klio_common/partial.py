@@ -18,7 +18,7 @@ from klio_common import crypto, fsio
 from klio_common.compression import Codec
 from klio_common.crypto import KeyRing
 from klio_common.directio import BLOCK, DirectTail
-from klio_common.errors import CorruptObject, KlioError, Retryable
+from klio_common.errors import CorruptObject, KlioError
 from klio_common.frames import (
     FLAG_LAST,
     FRAME_HEAD,
@@ -330,9 +330,4 @@ class PartialWriter:
                 self._direct = DirectTail.open(path, capacity, probe)
 
     def _os_error(self, exc: OSError) -> Exception:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return Retryable(
-                f"no space left on device writing {self.path}: {exc.strerror}",
-                hint="free space on the Tier-1 volume or grow it; nothing was written",
-            )
-        return exc
+        return fsio.space_error(self.path, exc)

@@ -102,6 +102,8 @@ class ClusterReceiver:
         if self.writer is not None:
             try:
                 await self.writer.flush()
+            except KlioError as exc:  # the error that ended the session, said again
+                log.warning("cluster %s: final flush: %s", self.cluster.name, exc)
             except Exception:
                 log.exception("cluster %s: final flush failed", self.cluster.name)
             self.writer.close()

@@ -138,18 +138,24 @@ class ChunkStore:
         )
         path = self.path(chunk_id)
         try:
-            fd = self._open(path)
-        except FileNotFoundError:
-            self._make_dirs(path.parent)
-            fd = self._open(path)
-        try:
-            view = memoryview(blob)
-            while view:
-                view = view[os.write(fd, view) :]
-        except BaseException:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            raise
+            try:
+                fd = self._open(path)
+            except FileNotFoundError:
+                self._make_dirs(path.parent)
+                fd = self._open(path)
+            try:
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view) :]
+            except BaseException:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            error = fsio.space_error(path, exc)
+            if error is exc:
+                raise
+            raise error from exc
         os.close(fd)
         return len(blob)
 
