@@ -158,7 +158,7 @@ def test_stopping_the_service_mid_backup_aborts_and_says_so(
 def test_backup_onto_a_full_volume_fails_cleanly_and_the_next_succeeds(
     pg: Any,
     nats_server: Any,
-    small_volume: Callable[[int], Volume],
+    small_volume: Callable[..., Volume],
     keyring_files: dict[str, Path],
     klio_config: KlioConfigWriter,
 ) -> None:

@@ -7,11 +7,12 @@ import secrets
 import shutil
 import subprocess
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from tests.fixtures.paths import KlioConfigWriter
+from tests.fixtures.paths import KlioConfigWriter, Volume
 from tests.restore.conftest import Backed
 from tests.restore.helpers import catalog_parts, flip_byte, klio, output_of
 
@@ -98,3 +99,15 @@ def test_flipped_byte_in_a_chunk_is_named_by_file(backed_up: Backed) -> None:
     done = klio(b.config, "restore", "--pgdata", str(new), "--jobs", "2")
     assert_refused(done, f"file {relation}", chunk)
     assert not new.parent.exists(), "a failed restore must remove what it created"
+
+
+def test_a_full_target_volume_is_named_and_emptied(
+    backed_up: Backed, small_volume: Callable[..., Volume]
+) -> None:
+    volume = small_volume(8, "pgdata-volume")  # the backup's cluster needs about 40 MB
+    shutil.chown(volume.path, "postgres", "postgres")
+    volume.path.chmod(0o700)
+    pgdata = volume.path / "pgdata"
+    done = klio(backed_up.config, "restore", "--pgdata", str(pgdata))
+    assert_refused(done, "no space left on device restoring backup", str(pgdata), "MiB of files")
+    assert list(volume.path.iterdir()) == []  # what the restore created is gone

@@ -39,7 +39,7 @@ def _fill(path: Path) -> None:
 def test_retention_frees_a_full_tier1(
     pg: PostgresServer,
     nats_server: Any,
-    small_volume: Callable[[int], Volume],
+    small_volume: Callable[..., Volume],
     keyring_files: dict[str, Path],
     klio_config: KlioConfigWriter,
 ) -> None:

@@ -59,7 +59,7 @@ def _slot_flush(pg: Any) -> int:
 def test_full_volume_is_reported_and_archiving_resumes_when_it_grows(
     pg: Any,
     nats_server: Any,
-    small_volume: Callable[[int], Volume],
+    small_volume: Callable[..., Volume],
     keyring_files: dict[str, Path],
     workdir: Path,
     synchronous: bool,
@@ -126,3 +126,28 @@ def test_full_volume_is_reported_and_archiving_resumes_when_it_grows(
             compared += 1
         dest.unlink()
     assert compared >= 3
+
+
+def test_wal_restore_into_a_full_pg_wal_stops_recovery_and_leaves_nothing(
+    pg: Any,
+    nats_server: Any,
+    tier1_dir: Path,
+    small_volume: Callable[..., Volume],
+    keyring_files: dict[str, Path],
+    workdir: Path,
+) -> None:
+    config = write_config(
+        workdir / "k.yaml", pg=pg, nats_url=nats_server.url, tier1=tier1_dir, keys=keyring_files
+    )
+    settings = load(config)
+    with receiver_inprocess(settings):
+        end = pg.current_lsn()
+        name = pg.switch_wal()
+        wait_closed(settings, end)
+    pg_wal = small_volume(4, "pg_wal")  # smaller than one 16 MB segment
+    done = wal_restore(config, name, pg_wal.path / "RECOVERYXLOG", prefetch=0)
+    assert done.returncode == 150, done  # above 125: PostgreSQL stops instead of promoting
+    stderr = done.stderr.decode()
+    assert f"no space left on device writing {pg_wal.path / 'RECOVERYXLOG'}" in stderr, stderr
+    assert "HINT: free space on that volume (pg_wal)" in stderr, stderr
+    assert list(pg_wal.path.iterdir()) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -71,6 +72,13 @@ def wal_restore(config: str | None, cluster: str | None, name: str, dest: str) -
         output.klio_error(exc)
         return walfetch.EXIT_FATAL
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            output.error(
+                f"no space left on device writing {dest}: {exc.strerror}",
+                "free space on that volume (pg_wal); recovery stopped, and goes on where it "
+                "was when the server starts again",
+            )
+            return walfetch.EXIT_FATAL
         output.os_error(exc)
         print(
             "HINT: the PostgreSQL server's OS user must be able to read the configuration, "

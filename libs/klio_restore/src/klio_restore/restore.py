@@ -7,6 +7,7 @@ removes what it wrote, so the directories are as empty as they were.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -147,9 +148,16 @@ def restore(
         write_recovery(pgdata, recovery_settings(request.target, request.restore_command))
         for root in roots:
             fsio.syncfs(root)
-    except BaseException:
+    except BaseException as exc:
         for root, top in zip(roots, made, strict=True):
             _remove(root, created=top)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = " and ".join(str(root) for root in roots)
+            raise RestoreError(
+                f"no space left on device restoring backup {backup.id} into {where}",
+                hint=f"the backup holds {backup.size // (1 << 20)} MiB of files; free space "
+                "there or restore onto a larger volume; what this restore wrote was removed",
+            ) from exc
         raise
     return RestoreResult(
         backup=backup,
