@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,8 @@ from klio_common.catalog.wal import WalArchive
 from klio_common.crypto import KeyRing
 from klio_common.pg.walname import WalSegment
 from klio_dev import wait_until
-from klio_restore import spool
-from tests.fixtures.paths import KlioConfigWriter
+from klio_restore import prefetch, spool
+from tests.fixtures.paths import KlioConfigWriter, Volume
 from tests.wal_receiver.helpers import (
     load,
     receiver_inprocess,
@@ -273,3 +274,35 @@ def test_the_prefetcher_exits_when_idle_and_one_runs_at_a_time(
     assert not list(spool_dir.glob("run-*"))
     exits = [line for line in (spool_dir / "log").read_text().splitlines() if "exited" in line]
     assert exits and exits[-1].endswith("no request for 0.5 s")
+
+
+def test_the_spool_leaves_room_on_a_small_pg_wal_volume(
+    workdir: Path,
+    tier1_dir: Path,
+    keyring_files: dict[str, Path],
+    klio_config: KlioConfigWriter,
+    small_volume: Callable[..., Volume],
+    no_prefetcher_left: None,
+) -> None:
+    small_archive(tier1_dir, keyring_files, {1: range(1, 13)})
+    config = read_config(klio_config, tier1_dir, keyring_files)
+    pg_wal = small_volume(8, "pg_wal").path  # 8 segments of 1 MiB; the spool's depth is 8 too
+    shutil.chown(pg_wal, "postgres", "postgres")
+    pg_wal.chmod(0o700)
+    reserve = prefetch.RESERVE_SEGMENTS * MIB
+
+    def free() -> int:
+        st = os.statvfs(pg_wal)
+        return st.f_bavail * st.f_frsize
+
+    dest = pg_wal / "RECOVERYXLOG"  # as PostgreSQL restores: one name, replaced each time
+    assert klio("wal-restore", segment(1, 1), str(dest), config=config).returncode == 0
+    wait_until(lambda: log_lines(pg_wal, "paused"), 60, "the spool to stop short of the reserve")
+    assert 1 <= len(spooled(pg_wal)) < 8
+    assert free() >= reserve
+    for segno in range(2, 13):
+        done = klio("wal-restore", segment(1, segno), str(dest), config=config)
+        assert done.returncode == 0, done.stderr
+        assert dest.read_bytes() == body(1, segno)
+        assert free() >= reserve - MIB  # at most one segment in flight beyond the check
+    assert log_lines(pg_wal, "hit")  # the spool still served, within its room

@@ -29,6 +29,9 @@ POLL = 0.02
 RETRY_MISSING = 1.0
 LOG_LIMIT = 1 << 20
 NICE = 10
+RESERVE_SEGMENTS = 4
+"""Free space, in segments, the spool leaves on its volume (pg_wal's) beyond what it writes:
+PostgreSQL needs room there to go on (restored files, new segments at the end of recovery)."""
 
 
 def window(request: str, depth: int, seg_size: int) -> list[str]:
@@ -159,6 +162,7 @@ class Prefetcher:
         self.in_flight: dict[Future[bool], tuple[str, float]] = {}
         self.missing: dict[str, float] = {}  # name -> when the lookup that missed it began
         self.failed: set[str] = set()
+        self.paused = False  # for lack of space on the volume
 
     def run(self) -> str:
         """Work until there is nothing left to do; returns why it stopped."""
@@ -207,7 +211,20 @@ class Prefetcher:
                 continue
             if now - self.missing.get(name, -RETRY_MISSING) < RETRY_MISSING:
                 return  # nothing after a segment the archive does not have yet
+            if not self._room():
+                return
             self.in_flight[pool.submit(self._spool_one, name)] = (name, now)
+
+    def _room(self) -> bool:
+        """Whether one more segment fits and leaves `RESERVE_SEGMENTS` free (logged on change)."""
+        st = os.statvfs(self.run_dir)
+        free = st.f_bavail * st.f_frsize
+        room = free >= (len(self.in_flight) + 1 + RESERVE_SEGMENTS) * self.seg_size
+        if room == self.paused:
+            self.paused = not room
+            mib = f"{free >> 20} MiB free, {RESERVE_SEGMENTS} segments kept for PostgreSQL"
+            sp.log(str(self.spool), f"paused {mib}" if self.paused else f"resumed {mib}")
+        return room
 
     def _reap(self) -> None:
         for future in [f for f in self.in_flight if f.done()]:
@@ -223,8 +240,9 @@ class Prefetcher:
                 self.missing[name] = began
 
     def put(self, name: str, data: bytes) -> None:
-        """Spool segment ``name``, already fetched (and so verified)."""
-        self._spool_one(name, lambda _: data)
+        """Spool segment ``name``, already fetched (and so verified), if it fits."""
+        if self._room():
+            self._spool_one(name, lambda _: data)
 
     def _spool_one(self, name: str, fetch: Callable[[str], bytes | None] | None = None) -> bool:
         final = self.run_dir / name
