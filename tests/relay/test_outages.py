@@ -6,7 +6,7 @@ import os
 import secrets
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from klio_common.storage.layout import chunk_path, manifest_path
 from klio_common.storage.tier2state import JOURNAL, UNKNOWN_SHA256, Tier2Entry, Tier2State
 from klio_dev import NatsServer
 from klio_dev.waiting import wait_until
-from tests.fixtures.paths import BUCKET, KlioConfigWriter
+from tests.fixtures.paths import BUCKET, KlioConfigWriter, Volume, fill
 from tests.relay.helpers import (
     CHUNK,
     RelayProcess,
@@ -258,3 +258,55 @@ def test_a_lost_journal_is_rebuilt_from_the_bucket_without_sending_again(
     )
     assert sample("klio_relay_requests_total", op="put") == puts  # checked by HEAD, not sent
     assert sample("klio_relay_requests_total", op="head") >= heads + len(paths) - 1
+
+
+def test_a_full_tier1_holds_the_announcements_back_and_loses_nothing(
+    pg: Any,
+    nats_server: Any,
+    s3_server: Any,
+    small_volume: Callable[..., Volume],
+    keyring_files: dict[str, Path],
+    klio_config: KlioConfigWriter,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    volume = small_volume(96)
+    config = klio_config(
+        pg=pg,
+        nats=nats_server,
+        tier1=volume.path,
+        s3=s3_server,
+        keys=keyring_files,
+        extra={"relay": {"reconcile_interval": 5}},
+    )
+    settings = load(config)
+    with receiver_inprocess(settings):
+        for _ in range(3):
+            pg.execute("CREATE TABLE IF NOT EXISTS t (v int); INSERT INTO t VALUES (1)")
+            paths = _close_all(pg, settings)
+    ballast = volume.path / "ballast"
+    fill(ballast)  # whatever filled it: no byte left for the outbox
+    with relay_inprocess(settings):
+        wait_in_bucket(s3_server, {f"main/{p}" for p in paths})
+        wait_until(
+            lambda: any("no space left on device" in r.getMessage() for r in caplog.records),
+            60,
+            "the relay to say the volume is full",
+        )
+        ballast.unlink()
+        wait_until(lambda: set(paths) <= {e.path for e in _journal(settings)}, 60, "the journal")
+        segments = {p.rsplit("/", 1)[1] for p in paths if "." not in p.rsplit("/", 1)[1]}
+        wait_until(
+            lambda: segments <= _relayed(nats_server.url), 60, "every segment announced relayed"
+        )
+    assert_bucket_mirrors(s3_server, settings, paths, "main/")
+    assert _dead_letters(nats_server.url) == []
+
+
+def _journal(settings: Settings) -> list[Tier2Entry]:
+    state = Tier2State(cluster_dir(settings))
+    state.load()
+    return list(state)
+
+
+def _relayed(nats_url: str) -> set[str]:
+    return {e["segment"] for e in stream_events(nats_url, "klio.main.tier2.wal.relayed")}

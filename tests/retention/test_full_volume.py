@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import errno
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,28 +10,12 @@ import pytest
 
 from klio_dev import PostgresServer
 from tests.basebackup.helpers import basebackup_inprocess, catalog_of, events, store_of
-from tests.fixtures.paths import KlioConfigWriter, Volume
+from tests.fixtures.paths import KlioConfigWriter, Volume, fill
 from tests.restore.helpers import backup_now, wait_ready
 from tests.retention.helpers import keep_one_backup, retention, tier1_bytes
 from tests.wal_receiver.helpers import receiver_inprocess, wait_closed
 
 pytestmark = pytest.mark.integration
-
-
-def _fill(path: Path) -> None:
-    """Write ``path`` until the device is full, down to its last block."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        for size in (1 << 20, 4096):
-            block = bytes(size)
-            while True:
-                try:
-                    os.write(fd, block)
-                except OSError as exc:
-                    assert exc.errno == errno.ENOSPC, exc
-                    break
-    finally:
-        os.close(fd)
 
 
 def test_retention_frees_a_full_tier1(
@@ -54,7 +36,7 @@ def test_retention_frees_a_full_tier1(
         end = pg.current_lsn()
         pg.switch_wal()
         wait_closed(settings, end)
-    _fill(volume.path / "ballast")  # whatever filled it: the volume has no byte left
+    fill(volume.path / "ballast")  # whatever filled it: the volume has no byte left
     before = tier1_bytes(settings)
 
     [applied] = retention(config, "apply", "--tier", "1")

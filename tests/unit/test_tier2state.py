@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import pytest
 
+from klio_common.errors import Retryable
 from klio_common.storage.tier2state import (
     JOURNAL,
     TOMBSTONES,
@@ -42,6 +45,32 @@ def test_a_torn_last_line_is_ignored_and_not_merged_with_the_next(tmp_path: Path
     third = Tier2State(tmp_path)
     assert third.load() == 2
     assert set(third) == {A, C}
+
+
+def test_an_append_cut_short_by_a_full_volume_is_not_merged_with_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = Tier2State(tmp_path)
+    state.record([A])
+    real = os.write
+
+    def full(fd: int, data: bytes) -> int:  # what fits, then nothing
+        monkeypatch.setattr(os, "write", lambda fd, data: _enospc())
+        return real(fd, memoryview(data)[:20])
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(Retryable, match=r"no space left on device writing .*journal") as err:
+        state.record([B])
+    assert err.value.hint and "grow it" in err.value.hint
+    monkeypatch.setattr(os, "write", real)
+    state.record([C])  # room again: the same process goes on
+    again = Tier2State(tmp_path)
+    assert again.load() == 2
+    assert set(again) == {A, C}
+
+
+def _enospc() -> int:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def test_rebuild_replaces_the_journal(tmp_path: Path) -> None:

@@ -177,10 +177,11 @@ def aligned_buffer(size: int) -> tuple[mmap.mmap, int]:
     return buf, int(local.address)
 
 
-def space_error(path: Path, exc: OSError) -> Exception:
-    """``exc`` as raised, or, for a full device or quota, a `Retryable` that says so."""
+def space_error(path: Path, exc: OSError) -> Retryable | None:
+    """For ``exc`` from writing ``path`` on a full device (or over quota), the `Retryable` that
+    says so, with the hint; None for any other error."""
     if exc.errno not in _NO_SPACE:
-        return exc
+        return None
     return Retryable(
         f"no space left on device writing {path}: {exc.strerror}",
         hint="free space on the Tier-1 volume or grow it; nothing was written",
@@ -203,10 +204,9 @@ def _write_temp(
             os.close(fd)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        error = space_error(path, exc)
-        if error is exc:
-            raise
-        raise error from exc
+        if (full := space_error(path, exc)) is not None:
+            raise full from exc
+        raise
     return tmp
 
 

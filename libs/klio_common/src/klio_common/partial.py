@@ -330,4 +330,4 @@ class PartialWriter:
                 self._direct = DirectTail.open(path, capacity, probe)
 
     def _os_error(self, exc: OSError) -> Exception:
-        return fsio.space_error(self.path, exc)
+        return fsio.space_error(self.path, exc) or exc

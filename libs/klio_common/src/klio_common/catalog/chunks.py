@@ -152,10 +152,9 @@ class ChunkStore:
                 path.unlink(missing_ok=True)
                 raise
         except OSError as exc:
-            error = fsio.space_error(path, exc)
-            if error is exc:
-                raise
-            raise error from exc
+            if (full := fsio.space_error(path, exc)) is not None:
+                raise full from exc
+            raise
         os.close(fd)
         return len(blob)
 

@@ -155,7 +155,11 @@ class Tier2State:
             return
         data = b"".join(e.line() for e in batch)
         with self._lock:
-            self._append(b"\n" + data if self._torn_tail else data)
+            try:
+                self._append(b"\n" + data if self._torn_tail else data)
+            except Retryable:
+                self._torn_tail = True  # the write may have stopped mid-line (a full volume)
+                raise
             self._torn_tail = False
             for entry in batch:
                 self._entries[entry.path] = entry
@@ -195,6 +199,8 @@ class Tier2State:
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
         except OSError as exc:
+            if (full := fsio.space_error(self.path, exc)) is not None:
+                raise full from exc
             raise Retryable(f"cannot append to the Tier-2 journal {self.path}: {exc}") from exc
         finally:
             os.close(fd)
