@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 from pathlib import Path
@@ -54,6 +53,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def wal_restore(config: str | None, cluster: str | None, name: str, dest: str) -> int:
     """Run ``klio wal-restore NAME DEST`` and return its exit status (see klio_restore.walfetch)."""
     from klio_cli import output
+    from klio_common import fsio
     from klio_common.errors import KlioError
     from klio_restore import walfetch
     from klio_restore.context import load_settings, open_cluster
@@ -72,7 +72,7 @@ def wal_restore(config: str | None, cluster: str | None, name: str, dest: str) -
         output.klio_error(exc)
         return walfetch.EXIT_FATAL
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if exc.errno in fsio.NO_SPACE:
             output.error(
                 f"no space left on device writing {dest}: {exc.strerror}",
                 "free space on that volume (pg_wal); recovery stopped, and goes on where it "

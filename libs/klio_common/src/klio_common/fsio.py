@@ -25,7 +25,8 @@ from pathlib import Path
 
 from klio_common.errors import ConflictError, Retryable
 
-_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+"""The errors of a full device or quota."""
 _COMPARE_STEP = 1 << 20
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 DIRECT_ALIGN = 4096
@@ -180,7 +181,7 @@ def aligned_buffer(size: int) -> tuple[mmap.mmap, int]:
 def space_error(path: Path, exc: OSError) -> Retryable | None:
     """For ``exc`` from writing ``path`` on a full device (or over quota), the `Retryable` that
     says so, with the hint; None for any other error."""
-    if exc.errno not in _NO_SPACE:
+    if exc.errno not in NO_SPACE:
         return None
     return Retryable(
         f"no space left on device writing {path}: {exc.strerror}",

@@ -7,7 +7,6 @@ removes what it wrote, so the directories are as empty as they were.
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import time
@@ -151,7 +150,7 @@ def restore(
     except BaseException as exc:
         for root, top in zip(roots, made, strict=True):
             _remove(root, created=top)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(exc, OSError) and exc.errno in fsio.NO_SPACE:
             where = " and ".join(str(root) for root in roots)
             raise RestoreError(
                 f"no space left on device restoring backup {backup.id} into {where}",
