@@ -181,6 +181,8 @@ def test_backup_onto_a_full_volume_fails_cleanly_and_the_next_succeeds(
         assert not catalog.backup_dir(failed["backup_id"]).exists()
         half_written = [p for p in volume.path.rglob("*") if ".tmp-" in p.name]
         assert half_written == []
+        # What it stored went with it (before it was announced): the space is free again.
+        assert list(store_of(settings).iter_ids()) == []
 
         volume.grow(160)
         request_backup(settings, "again")

@@ -169,6 +169,7 @@ class BackupJob:
         self.committing = False  # past the point where stopping could only tear the commit
         self.finished = False
         self.timings: dict[str, float] = {}  # seconds per phase: stream, wal_wait, commit
+        self._chunker: Chunker | None = None
 
     def started(self, tli: int, start: int) -> None:
         """BASE_BACKUP returned its start position: answer every request it serves so far."""
@@ -208,6 +209,7 @@ class BackupJob:
             self._fail("the basebackup service stopped during the backup")
             raise
         except Exception as exc:
+            await self._discard_chunks()
             self._fail(
                 exc.message if isinstance(exc, KlioError) else f"{type(exc).__name__}: {exc}"
             )
@@ -221,6 +223,19 @@ class BackupJob:
             progress.finished()
             self.finished = True
         return manifest
+
+    async def _discard_chunks(self) -> None:
+        """Free at once what the failed backup stored (often the very space it lacked)."""
+        chunker = self._chunker
+        if chunker is None:
+            return
+        try:
+            known = await asyncio.to_thread(self.ctx.catalog.known_chunks)
+            freed = await asyncio.to_thread(chunker.discard, known)
+        except OSError as exc:  # left for retention, which removes unreferenced chunks
+            log.warning("backup %s: cannot remove its chunks: %s", self.id, exc)
+            return
+        log.info("backup %s: removed the chunks it stored (%d bytes)", self.id, freed)
 
     def _fail(self, reason: str) -> None:
         try:
@@ -253,7 +268,7 @@ class BackupJob:
             seg_size = parse_size((await conn.command("SHOW wal_segment_size"))[0][0] or "")
             check_identity(ctx.archive, system_id, self.id)
             known = await asyncio.to_thread(ctx.catalog.known_chunks)
-            chunker = Chunker(ctx.store, known, settings.chunk_size, settings.jobs)
+            chunker = self._chunker = Chunker(ctx.store, known, settings.chunk_size, settings.jobs)
             sink = _Sink(self, chunker, progress)
             sql = stream.command(f"klio {self.id}", settings.checkpoint)
             pos = await stream.run(conn, sql, sink)

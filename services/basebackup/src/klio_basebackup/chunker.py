@@ -71,6 +71,7 @@ class Chunker:
         self._lock = threading.Lock()
         self._dirs: set[str] = set()
         self._seen: set[str] = set()  # ids this backup references (stored or trusted)
+        self.written: list[str] = []  # ids this backup stored (not trusted from another)
         self._pool = ThreadPoolExecutor(jobs, thread_name_prefix="klio-chunks")
         self._inflight: deque[Future[str]] = deque()
         self._limit = 4 * jobs + 4
@@ -157,6 +158,7 @@ class Chunker:
             if new:
                 self.figures.chunks_new += 1
                 self.figures.new_chunk_bytes += stored
+                self.written.append(chunk_id)
         return chunk_id
 
     # -- end ------------------------------------------------------------------------------------
@@ -183,6 +185,26 @@ class Chunker:
             )
         self.entries = entries
         return entries
+
+    def discard(self, known: set[str]) -> int:
+        """Delete the chunks this backup stored, but for ``known`` (referenced by committed
+        backups); call after `close`, when the backup failed. Returns the bytes freed.
+
+        Safe because backups of one cluster never run at once (one service replica, one backup
+        at a time), so no other backup can have stored or trusted them meanwhile.
+        """
+        freed = 0
+        for chunk_id in self.written:
+            if chunk_id in known:
+                continue
+            path = self.store.path(chunk_id)
+            try:
+                freed += path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                continue
+        self.written.clear()
+        return freed
 
     async def close(self) -> None:
         """Stop the workers (pending chunks are dropped); safe to call more than once."""
