@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import time
+from collections.abc import Callable
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from klio_dev import (
     PostgresServer,
     wait_until_async,
 )
-from tests.fixtures.paths import KlioConfigWriter
+from tests.fixtures.paths import KlioConfigWriter, Volume, fill
 from tests.integration.cli import (
     SEG,
     klio,
@@ -165,3 +166,29 @@ async def test_events_tail_prints_events_from_the_start_and_live(
         "000000010000000000000003",
     ]
     assert lines[0]["subject"] == "klio.main.wal.segment.closed"
+
+
+async def test_check_reports_the_free_space_of_tier1(
+    pg: PostgresServer,
+    nats_server: NatsServer,
+    small_volume: Callable[..., Volume],
+    klio_config: KlioConfigWriter,
+) -> None:
+    volume = small_volume(40)
+    config = klio_config(pg=pg, nats=nats_server, tier1=volume.path)
+    done = await asyncio.to_thread(klio, "check", config=config)
+    assert f"ok main/tier1: {volume.path} is writable; 40 MiB free of 40 MiB" in done.stdout
+
+    filler = volume.path / "filler"
+    filler.write_bytes(bytes(37 << 20))
+    done = await asyncio.to_thread(klio, "check", config=config)
+    assert f"WARN main/tier1: {volume.path} is writable; 3 MiB free of 40 MiB (93% used)" in (
+        done.stdout
+    ), done.stdout
+    assert "HINT: grow the volume" in done.stdout
+
+    filler.unlink()
+    fill(filler)
+    done = await asyncio.to_thread(klio, "check", config=config)
+    assert done.returncode == 1
+    assert f"FAIL main/tier1: {volume.path}: the volume is full" in done.stdout, done.stdout

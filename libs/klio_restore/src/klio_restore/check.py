@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from klio_common import fsio
 from klio_common.catalog.wal import WalArchive
 from klio_common.errors import KlioError
 from klio_common.pg.server import check_server_version, check_wal_level
@@ -178,12 +179,29 @@ def check_tier1(
         probe.unlink()
     except OSError as exc:
         probe.unlink(missing_ok=True)
+        if exc.errno in fsio.NO_SPACE:
+            return [fail(name, f"{target}: the volume is full", _FULL_HINT)]
         result = from_error(name, exc)
         return [fail(name, f"{target} is not writable: {result.detail}", _TIER1_HINT)]
-    return [ok(name, f"{target} is writable")]
+    st = os.statvfs(target)
+    total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+    detail = f"{target} is writable; {_size(free)} free of {_size(total)}"
+    if total and free < total * LOW_SPACE:
+        used = 100 - 100 * free // total
+        return [warn(name, f"{detail} ({used}% used): archiving stops when it is full", _FULL_HINT)]
+    return [ok(name, detail)]
 
 
+LOW_SPACE = 0.1
+"""Below this share of the Tier-1 volume free, ``klio check`` warns."""
 _TIER1_HINT = "run as the services' user, and check the volume is mounted read-write"
+_FULL_HINT = (
+    "grow the volume (PVC), or expire backups and WAL sooner (klio retention plan, then apply)"
+)
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n >> 20} MiB"
 
 
 def describe_s3(s3: S3Settings) -> str:
