@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from klio_basebackup.backup import APPLICATION_NAME
 from klio_common.runtime.settings import Settings
 from klio_dev.waiting import wait_until
 from tests.basebackup.helpers import (
@@ -190,3 +193,42 @@ def test_backup_onto_a_full_volume_fails_cleanly_and_the_next_succeeds(
     assert catalog.ids() == [done["backup_id"]]
     manifest = catalog.load(done["backup_id"])
     assert manifest.chunks_new == manifest.chunks_total  # nothing the failed backup left trusted
+
+
+def test_a_primary_crash_mid_backup_fails_it_cleanly_and_the_next_succeeds(
+    pg: Any,
+    nats_server: Any,
+    tier1_dir: Path,
+    keyring_files: dict[str, Path],
+    klio_config: KlioConfigWriter,
+) -> None:
+    pg.pgbench_init(scale=5)
+    settings = _config(klio_config, pg, nats_server, tier1_dir, keyring_files, wal_timeout=60)
+    catalog = catalog_of(settings)
+    with basebackup_inprocess(settings):
+        request_backup(settings, "crashed")
+        # Freeze the backup's walsender as soon as it appears, so the crash lands mid-backup.
+        walsender = wait_until(lambda: _walsender(pg), 60, "the backup's walsender")
+        os.kill(walsender, signal.SIGSTOP)
+        (lease,) = catalog.leases()
+        pg.kill()  # as a node crash: the connection drops
+        (failed,) = wait_event(nats_server.url, "klio.main.backup.failed")
+        assert failed["request_id"] == "crashed" and failed["backup_id"] == lease.id
+        assert catalog.ids() == [] and catalog.leases() == []
+        assert list(store_of(settings).iter_ids()) == []  # what it stored went with it
+
+        pg.start()
+        with receiver_inprocess(settings):
+            request_backup(settings, "again")
+            (done,) = wait_event(nats_server.url, "klio.main.backup.done")
+    assert catalog.ids() == [done["backup_id"]]
+    assert f"connection to PostgreSQL at 127.0.0.1:{pg.port} lost" in failed["reason"], failed
+
+
+def _walsender(pg: Any) -> int | None:
+    rows = pg.sql(
+        "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walsender'"
+        " AND application_name = %s",
+        [APPLICATION_NAME],
+    )
+    return int(rows[0][0]) if rows else None
