@@ -23,7 +23,7 @@ from tests.basebackup.helpers import (
     wait_event,
 )
 from tests.fixtures.paths import KlioConfigWriter, Volume
-from tests.wal_receiver.helpers import receiver_inprocess
+from tests.wal_receiver.helpers import random_row, receiver_inprocess
 
 
 def _config(
@@ -168,10 +168,7 @@ def test_backup_onto_a_full_volume_fails_cleanly_and_the_next_succeeds(
     # 40 MB that no compression shrinks, on a 24 MB volume: the backup runs out of space.
     pg.execute("CREATE TABLE noise (b bytea)")
     for _ in range(10):
-        pg.execute(
-            "INSERT INTO noise SELECT decode(string_agg(md5(random()::text), ''), 'hex')"
-            " FROM generate_series(1, 262144)"
-        )
+        pg.execute(random_row("noise", 4))
     volume = small_volume(24)
     settings = _config(klio_config, pg, nats_server, volume.path, keyring_files, wal_timeout=60)
     catalog = catalog_of(settings)

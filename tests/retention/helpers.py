@@ -23,10 +23,16 @@ from klio_common.pg.walname import WalSegment
 from klio_common.runtime.settings import Settings
 from klio_common.storage.layout import Kind, kind_of
 from klio_dev import PostgresServer, S3Server
-from tests.basebackup.helpers import catalog_of
+from tests.basebackup.helpers import basebackup_inprocess, catalog_of
 from tests.fixtures.paths import KlioConfigWriter
-from tests.restore.helpers import klio, output_of
-from tests.wal_receiver.helpers import VENV_BIN, keyring_of, load
+from tests.restore.helpers import backup_now, klio, output_of, wait_ready
+from tests.wal_receiver.helpers import (
+    VENV_BIN,
+    keyring_of,
+    load,
+    receiver_inprocess,
+    wait_closed,
+)
 
 BUCKET = "klio-test"
 SEG = 1 << 20
@@ -180,4 +186,19 @@ def synthetic_cluster(
             )
         )
         ids.append(backup_id)
+    return ids
+
+
+def three_backups(pg: PostgresServer, config: Path, settings: Settings) -> list[str]:
+    """Three backups of ``keep_one_backup``'s cluster, ``t`` changed before each, and the WAL
+    after the last one archived; returns their ids, oldest first."""
+    ids = []
+    with receiver_inprocess(settings), basebackup_inprocess(settings):
+        wait_ready(settings, "basebackup")
+        for round_ in range(3):
+            pg.execute("UPDATE t SET v = md5(v || %s)", (str(round_),))
+            ids.append(backup_now(config, settings).id)
+        end = pg.current_lsn()
+        pg.switch_wal()
+        wait_closed(settings, end)
     return ids

@@ -10,11 +10,17 @@ import pytest
 from klio_common.catalog.chunks import ChunkStore
 from klio_dev import PostgresServer, ServerError
 from klio_dev.waiting import wait_until
-from tests.basebackup.helpers import basebackup_inprocess, catalog_of, events, store_of
+from tests.basebackup.helpers import catalog_of, events, store_of
 from tests.fixtures.paths import KlioConfigWriter
-from tests.restore.helpers import backup_now, klio, output_of, restore_server, wait_ready
-from tests.retention.helpers import keep_one_backup, one_shot, process_state, retention, tier1_bytes
-from tests.wal_receiver.helpers import receiver_inprocess, wait_closed
+from tests.restore.helpers import klio, output_of, restore_server
+from tests.retention.helpers import (
+    keep_one_backup,
+    one_shot,
+    process_state,
+    retention,
+    three_backups,
+    tier1_bytes,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -38,16 +44,8 @@ def test_kill_mid_apply_then_the_next_run_finishes(
     point: str,
 ) -> None:
     config, settings = keep_one_backup(klio_config, pg, nats_server, tier1_dir, keyring_files)
-    ids = []
-    with receiver_inprocess(settings), basebackup_inprocess(settings):
-        wait_ready(settings, "basebackup")
-        for round_ in range(3):
-            pg.execute("UPDATE t SET v = md5(v || %s)", (str(round_),))
-            ids.append(backup_now(config, settings).id)
-        end = pg.current_lsn()
-        pg.switch_wal()
-        wait_closed(settings, end)
-        expected = pg.sql("SELECT count(*), md5(string_agg(v, ',' ORDER BY id)) FROM t")[0]
+    ids = three_backups(pg, config, settings)
+    expected = pg.sql("SELECT count(*), md5(string_agg(v, ',' ORDER BY id)) FROM t")[0]
 
     [planned] = retention(config, "plan", "--tier", "1")
     assert planned["expire"] == ids[:2]

@@ -9,11 +9,9 @@ from typing import Any
 import pytest
 
 from klio_dev import PostgresServer
-from tests.basebackup.helpers import basebackup_inprocess, catalog_of, events, store_of
+from tests.basebackup.helpers import catalog_of, events, store_of
 from tests.fixtures.paths import KlioConfigWriter, Volume, fill
-from tests.restore.helpers import backup_now, wait_ready
-from tests.retention.helpers import keep_one_backup, retention, tier1_bytes
-from tests.wal_receiver.helpers import receiver_inprocess, wait_closed
+from tests.retention.helpers import keep_one_backup, retention, three_backups, tier1_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -27,15 +25,7 @@ def test_retention_frees_a_full_tier1(
 ) -> None:
     volume = small_volume(128)
     config, settings = keep_one_backup(klio_config, pg, nats_server, volume.path, keyring_files)
-    ids = []
-    with receiver_inprocess(settings), basebackup_inprocess(settings):
-        wait_ready(settings, "basebackup")
-        for round_ in range(3):
-            pg.execute("UPDATE t SET v = md5(v || %s)", (str(round_),))
-            ids.append(backup_now(config, settings).id)
-        end = pg.current_lsn()
-        pg.switch_wal()
-        wait_closed(settings, end)
+    ids = three_backups(pg, config, settings)
     fill(volume.path / "ballast")  # whatever filled it: the volume has no byte left
     before = tier1_bytes(settings)
 

@@ -219,3 +219,12 @@ def postgres_dir(path: Path) -> Path:
     if os.geteuid() == 0:
         shutil.chown(path, "postgres", "postgres")
     return path
+
+
+def random_row(table: str, megabytes: int) -> str:
+    """An INSERT of one ``bytea`` row of ``megabytes`` random bytes into ``table``: data (and WAL)
+    that no compression shrinks, to fill volumes with."""
+    return (
+        f"INSERT INTO {table} SELECT decode(string_agg(md5(random()::text), ''), 'hex')"
+        f" FROM generate_series(1, {megabytes * 65536})"
+    )

@@ -24,6 +24,7 @@ from tests.wal_receiver.helpers import (
     archive_end,
     archive_of,
     load,
+    random_row,
     receiver_inprocess,
     wait_closed,
     wal_restore,
@@ -77,10 +78,7 @@ def test_full_volume_is_reported_and_archiving_resumes_when_it_grows(
     )
     settings = load(config)
     pg.execute("CREATE TABLE filler (b bytea)")
-    fill = (
-        "INSERT INTO filler SELECT decode(string_agg(md5(random()::text), ''), 'hex')"
-        f" FROM generate_series(1, {FILL_MB * 65536})"
-    )
+    fill = random_row("filler", FILL_MB)
     with receiver_inprocess(settings):
         wait_until(lambda: _readyz(port)[0] == 200, 60, "/readyz to answer 200")
         said: list[str] = []
