@@ -34,7 +34,8 @@ venv: $(VENV)/.installed
 system-deps:
 	@bash .ci/system-deps
 
-$(VENV)/.installed: requirements.lock $(PYPROJECTS) Makefile
+$(VENV)/.installed: requirements.lock $(PYPROJECTS) Makefile services/wal-receiver/setup.py \
+                    services/wal-receiver/src/klio_wal_receiver/_turn.c
 	@bash .ci/system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -228,3 +229,35 @@ def random_row(table: str, megabytes: int) -> str:
         f"INSERT INTO {table} SELECT decode(string_agg(md5(random()::text), ''), 'hex')"
         f" FROM generate_series(1, {megabytes * 65536})"
     )
+
+
+@contextmanager
+def synchronous_standby(pg: Any, name: str = "klio") -> Iterator[None]:
+    """The receiver streaming as ``name`` made the primary's synchronous standby, for the block
+    (every COMMIT then waits for its flush); ``synchronous_standby_names`` is reset after it."""
+    wait_until(
+        lambda: (
+            pg.sql(
+                "SELECT count(*) FROM pg_stat_replication "
+                f"WHERE application_name = '{name}' AND state = 'streaming'"
+            )[0][0]
+            == 1
+        ),
+        60,
+        "the receiver streaming",
+    )
+    pg.set_config(synchronous_standby_names=name)
+    try:
+        wait_until(
+            lambda: (
+                pg.sql(
+                    f"SELECT sync_state FROM pg_stat_replication WHERE application_name = '{name}'"
+                )[0][0]
+                == "sync"
+            ),
+            30,
+            f"{name} to be the synchronous standby",
+        )
+        yield
+    finally:
+        pg.set_config(synchronous_standby_names="")

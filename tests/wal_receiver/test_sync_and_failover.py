@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 
 from klio_common.pg.lsn import Lsn
+from klio_common.runtime.settings import Settings
 from klio_dev.waiting import wait_until
 from tests.wal_receiver.helpers import (
     KLIO,
@@ -20,6 +21,7 @@ from tests.wal_receiver.helpers import (
     postgres_dir,
     receiver_inprocess,
     restored_server,
+    synchronous_standby,
     wait_archived,
     wait_closed,
     wal_verify,
@@ -42,62 +44,44 @@ def test_synchronous_commit_waits_for_the_archive(
     proc = ReceiverProcess(config, workdir / "receiver.log")
     proc.start()
     try:
-        wait_until(
-            lambda: (
-                pg.sql(
-                    "SELECT count(*) FROM pg_stat_replication "
-                    "WHERE application_name = 'klio' AND state = 'streaming'"
-                )[0][0]
-                == 1
-            ),
-            60,
-            "the receiver streaming",
-        )
-        pg.set_config(synchronous_standby_names="klio")
-        wait_until(
-            lambda: (
-                pg.sql(
-                    "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'klio'"
-                )[0][0]
-                == "sync"
-            ),
-            30,
-            "klio to be the synchronous standby",
-        )
-        pg.execute("CREATE TABLE t (v int)")
-        proc.signal(signal.SIGSTOP)
-        done = threading.Event()
-        commit_lsn: list[int] = []
-
-        def commit() -> None:
-            with psycopg.connect(pg.superuser_conninfo(), autocommit=True) as conn:
-                conn.execute("INSERT INTO t VALUES (42)")
-                row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
-                assert row is not None
-                commit_lsn.append(int(Lsn.parse(row[0])))
-            done.set()
-
-        worker = threading.Thread(target=commit)
-        worker.start()
-        # the COMMIT is waiting for the receiver's flush: visible as a SyncRep wait, not a guess
-        wait_until(
-            lambda: (
-                pg.sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'")[0][0]
-                == 1
-            ),
-            30,
-            "a SyncRep wait",
-        )
-        assert not done.is_set()
-        proc.signal(signal.SIGCONT)
-        worker.join(60)
-        assert done.is_set()
-        wait_archived(settings, commit_lsn[0] - 200, timeout=10)
-        # the row's WAL is durable in the archive before the COMMIT returned
-        assert archive_end(settings) >= commit_lsn[0] - 200
+        with synchronous_standby(pg):
+            _commit_waits_for_the_receiver(pg, proc, settings)
     finally:
-        pg.set_config(synchronous_standby_names="")
         proc.stop()
+
+
+def _commit_waits_for_the_receiver(pg: Any, proc: ReceiverProcess, settings: Settings) -> None:
+    """A COMMIT waits while the receiver is stopped, and is archived when it returns."""
+    pg.execute("CREATE TABLE t (v int)")
+    proc.signal(signal.SIGSTOP)
+    done = threading.Event()
+    commit_lsn: list[int] = []
+
+    def commit() -> None:
+        with psycopg.connect(pg.superuser_conninfo(), autocommit=True) as conn:
+            conn.execute("INSERT INTO t VALUES (42)")
+            row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+            assert row is not None
+            commit_lsn.append(int(Lsn.parse(row[0])))
+        done.set()
+
+    worker = threading.Thread(target=commit)
+    worker.start()
+    # the COMMIT is waiting for the receiver's flush: visible as a SyncRep wait, not a guess
+    wait_until(
+        lambda: (
+            pg.sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'")[0][0] == 1
+        ),
+        30,
+        "a SyncRep wait",
+    )
+    assert not done.is_set()
+    proc.signal(signal.SIGCONT)
+    worker.join(60)
+    assert done.is_set()
+    wait_archived(settings, commit_lsn[0] - 200, timeout=10)
+    # the row's WAL is durable in the archive before the COMMIT returned
+    assert archive_end(settings) >= commit_lsn[0] - 200
 
 
 def test_follows_promoted_standby_onto_timeline_2(

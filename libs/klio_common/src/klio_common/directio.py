@@ -103,6 +103,19 @@ class DirectTail:
             self._start = -1
             raise
 
+    @property
+    def buffer(self) -> mmap.mmap:
+        """The aligned buffer, for native code appending the same way (see `where`)."""
+        return self._map
+
+    def where(self) -> tuple[int, int]:
+        """The buffer's file offset (-1: unknown) and how many of its bytes hold the file's."""
+        return self._start, self._fill
+
+    def moved(self, start: int, fill: int) -> None:
+        """Native code appended through the buffer: it now starts at ``start``, ``fill`` long."""
+        self._start, self._fill = start, fill
+
     def invalidate(self) -> None:
         """The file was written by another descriptor: reload its last block before the next."""
         self._start = -1

@@ -118,6 +118,7 @@ class Sealer:
         self.digest = hashlib.sha256(self.head).digest()[:16]
         self.prefix = header.nonce_prefix
         self.cipher = crypto.data_cipher(data_key) if data_key is not None else None
+        self.key = data_key  # for a native sealer of the same frames (the pump's turn)
 
     def seal(
         self, index: int, flags: int, offset: int, size: int, payload: bytes | memoryview

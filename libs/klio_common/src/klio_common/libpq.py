@@ -32,6 +32,7 @@ _lock = threading.Lock()
 _resolved = False
 _consume: Any = None  # the ctypes function, or None: use psycopg's
 _copy_fns: tuple[Any, Any] | None = None  # PQgetCopyData, PQfreemem, or None: use psycopg's
+_send_fns: tuple[Any, Any] | None = None  # PQputCopyData, PQflush (for `addresses` only)
 _PYBUF_READ = 0x100
 _memory_view = ctypes.pythonapi.PyMemoryView_FromMemory
 _memory_view.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int]
@@ -66,6 +67,19 @@ def loaded_libpq(maps: str) -> str | None:
         if len(fields) == 6 and Path(fields[5]).name.startswith("libpq") and ".so" in fields[5]:
             found.add(fields[5])
     return found.pop() if len(found) == 1 else None
+
+
+def addresses(conn: PGconn) -> tuple[int, int, int, int, int, int] | None:
+    """The addresses of ``conn``'s PGconn and of its libpq's ``PQgetCopyData``, ``PQfreemem``,
+    ``PQconsumeInput``, ``PQputCopyData`` and ``PQflush``, for native code; None where the
+    library psycopg loaded cannot be found unambiguously."""
+    if not _resolved:
+        _resolve()
+    ptr = getattr(conn, "pgconn_ptr", None)
+    if ptr is None or _copy_fns is None or _consume is None or _send_fns is None:
+        return None
+    fns = (*_copy_fns, _consume, *_send_fns)
+    return (ptr, *(ctypes.cast(fn, ctypes.c_void_p).value or 0 for fn in fns))
 
 
 class CopyReader:
@@ -138,7 +152,7 @@ class CopyReader:
 
 
 def _resolve() -> Any:
-    global _resolved, _consume, _copy_fns
+    global _resolved, _consume, _copy_fns, _send_fns
     with _lock:
         if not _resolved:
             lib = _library()
@@ -151,6 +165,11 @@ def _resolve() -> Any:
             )
             free = _bind(lib, "PQfreemem", [ctypes.c_void_p], None)
             _copy_fns = (get, free) if get is not None and free is not None else None
+            put = _bind(
+                lib, "PQputCopyData", [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int], ctypes.c_int
+            )
+            flush = _bind(lib, "PQflush", [ctypes.c_void_p], ctypes.c_int)
+            _send_fns = (put, flush) if put is not None and flush is not None else None
             _resolved = True
     return _consume
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -109,6 +110,25 @@ def _pwritev_dsync(fd: int, parts: list[bytes | memoryview], offset: int) -> int
     written = os.pwritev(fd, parts, offset)
     os.fdatasync(fd)
     return written
+
+
+@dataclass(frozen=True, slots=True)
+class SyncTail:
+    """A ``.partial``'s state for a native `PartialWriter.append_sync` (see `sync_tail`)."""
+
+    direct: DirectTail
+    key: bytes
+    prefix: bytes
+    digest: bytes
+    size: int
+    allocated: int
+    index: int
+    frame_size: int
+
+    @property
+    def capacity(self) -> int:
+        """The largest frame the direct tail takes."""
+        return self.direct.capacity
 
 
 class PartialWriter:
@@ -221,6 +241,25 @@ class PartialWriter:
             raise self._os_error(exc) from exc
         self._index += 1
         self._size += length
+
+    def sync_tail(self) -> SyncTail | None:
+        """What a native `append_sync` needs, when its short path applies (else None)."""
+        direct, key = self._direct, self._sealer.key
+        if not self._ready or direct is None or key is None:
+            return None
+        return SyncTail(
+            direct, key, self._sealer.prefix, self._sealer.digest, self._size, self._allocated,
+            self._index, self._frame_size,
+        )  # fmt: skip
+
+    def synced_natively(self, index: int, size: int) -> None:
+        """Native code appended frames up to ``index`` (exclusive), the file now ``size`` long."""
+        self._index, self._size = index, size
+
+    def failed_natively(self, exc: OSError) -> Exception:
+        """Native code's append failed: refuse further use; return the error to raise."""
+        self._fail()
+        return self._os_error(exc)
 
     def sync(self) -> None:
         """Make everything appended so far durable (the first call also publishes the file)."""

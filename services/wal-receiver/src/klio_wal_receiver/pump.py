@@ -24,6 +24,8 @@ from psycopg.pq.abc import PGconn
 
 from klio_common.errors import Retryable
 from klio_common.replication import PG_EPOCH_US, ReplicationConnection
+from klio_wal_receiver import native as native_turn
+from klio_wal_receiver.native import NativeTurn
 from klio_wal_receiver.segments import SegmentWriter
 from klio_wal_receiver.state import ReceiverState
 
@@ -105,17 +107,40 @@ class SyncPump:
         reported = -1
         last_status = last_state = monotonic()
         size = 0
+        native = NativeTurn.create(pg, self._wake_r, interval, STATE_EVERY)
+        pending: bytes | None = None  # a message the native turn handed back
+        self.state.turn = "python" if native is None else "native"
         while not self._stopping:
+            if native is not None and pending is None:
+                ran = native.run(writer, reported, last_status, last_state)
+                if ran is not None:
+                    code, pending, (reported, last_status, last_state, nbytes, end, n) = ran
+                    self._nbytes += nbytes
+                    self._wal_end = max(self._wal_end, end)
+                    self.state.native_flushes.inc(n)
+                    if code == native_turn.STATE:
+                        self._publish()
+                    elif code == native_turn.END:
+                        return True  # CopyDone: the caller answers it (finish_copy) on the loop
+                    elif code == native_turn.BROKEN:
+                        raise self._broken(pg.error_message.decode(errors="replace"))
+                    elif code == native_turn.PENDING:
+                        self._flush(pg)
+                    if code not in (native_turn.SLOW, native_turn.NOFAST):
+                        continue  # PENDING: the next native turn starts with consume_input
             reply = False
+            msg: memoryview | None = None if pending is None else memoryview(pending)
+            pending = None
             try:
                 while True:
-                    size, msg = read()  # lent by libpq until the next read: put() copies it
                     if msg is None:
-                        break
+                        size, msg = read()  # lent by libpq until the next read: put() copies it
+                        if msg is None:
+                            break
                     if msg[0] == 0x77:  # 'w'
                         start, end, _ = unpack_w(msg, 1)
                         put(start, lend(msg[25:]))
-                        self._nbytes += size - 25
+                        self._nbytes += len(msg) - 25
                         if end > self._wal_end:
                             self._wal_end = end
                     elif msg[0] == 0x6B:  # 'k'
@@ -123,6 +148,7 @@ class SyncPump:
                         if end > self._wal_end:
                             self._wal_end = end
                         reply = reply or bool(asked)
+                    msg = None
             except psycopg.OperationalError as exc:
                 raise self._broken(str(exc)) from exc
             if size < 0:

@@ -25,7 +25,7 @@ from klio_common.catalog.wal import StoredObject, WalArchive
 from klio_common.compression import Codec
 from klio_common.crypto import KeyRing
 from klio_common.errors import ConflictError, KlioError, Retryable
-from klio_common.partial import PartialWriter, read_partial
+from klio_common.partial import PartialWriter, SyncTail, read_partial
 from klio_common.pg.lsn import Lsn
 from klio_common.pg.walname import WalSegment
 
@@ -352,6 +352,42 @@ class SegmentWriter:
         # went into the .partial) before it queued the close (see _close_full).
         self.durable = self._base + hi
         return self.durable
+
+    # -- the pump's native turn (`native.NativeTurn`) ------------------------------------------
+
+    def native_tail(self) -> tuple[bytearray, SyncTail] | None:
+        """The open segment's buffer and its ``.partial``'s state when a native turn can append
+        to it as `flush_here` would on its short path; else None. Reaps the worker first."""
+        if self._jobs and self._jobs[0].done():
+            self.poll()
+        writer = self._part.writer
+        if self.seg is None or writer is None or self._submitted < self._received:
+            return None
+        tail = writer.sync_tail()
+        return None if tail is None else (self._buf, tail)
+
+    def positions(self) -> tuple[int, int, int]:
+        """The open segment's first LSN, bytes received, and bytes that must match (resumed)."""
+        return self._base, self._received, self._verify_until
+
+    def advanced(self, received: int, durable: int, frames: int, size: int) -> None:
+        """A native turn received the open segment up to offset ``received`` and made it
+        durable up to offset ``durable``: its ``.partial`` now holds ``frames`` frames and is
+        ``size`` bytes long."""
+        self._received, self.received = received, self._base + received
+        writer = self._part.writer
+        assert writer is not None
+        writer.synced_natively(frames, size)
+        if durable > self._submitted:
+            self._submitted = durable
+            # No lock, as in flush_here: only the pump's thread moves `durable` in a segment.
+            self.durable = self._base + durable
+
+    def native_failed(self, exc: OSError) -> Exception:
+        """A native turn's append to the ``.partial`` failed: the error to raise."""
+        writer = self._part.writer
+        assert writer is not None
+        return writer.failed_natively(exc)
 
     async def drain(self) -> None:
         """Wait for every submitted job."""

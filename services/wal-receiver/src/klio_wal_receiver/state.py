@@ -33,6 +33,9 @@ class ReceiverMetrics:
         self.reconnects = counter("klio_wal_reconnects", "Reconnections to the primary", c)
         self.gaps = counter("klio_wal_gaps", "WAL gaps detected (WAL the server no longer had)", c)
         self.streaming = gauge("klio_wal_streaming", "1 while the replication stream is active", c)
+        self.native_flushes = counter(
+            "klio_wal_native_flushes", "Flushes of a synchronous standby made by its native turn", c
+        )
 
 
 class ReceiverState:
@@ -54,6 +57,8 @@ class ReceiverState:
         self.last_closed_segment: str | None = None
         self.segments_closed_count = 0
         self.caught_up_at = time.time()
+        self.turn: str | None = None  # a synchronous standby's loop: "native" or "python"
+        self.native_flushes = metrics.native_flushes.labels(cluster)
         self._bytes = metrics.bytes_received.labels(cluster)
         self._flushed = metrics.flushed_lsn.labels(cluster)
         self._lag_bytes = metrics.lag_bytes.labels(cluster)
@@ -116,6 +121,7 @@ class ReceiverState:
             "state": self.state,
             "slot": self.slot,
             "synchronous": self.synchronous,
+            "turn": self.turn,
             "timeline": self.timeline,
             "server_timeline": self.server_timeline,
             "received_lsn": str(Lsn(self.received_lsn)),
