@@ -221,7 +221,9 @@ def render_sync(summary: Mapping[str, Any], raw: Mapping[str, Any]) -> list[str]
         rows.append([LABELS[name], f"{row['median_tps']:.0f}", f"{row['cpu_pct']:.0f}%", vs])
     title = f"pgbench with one synchronous standby ({raw['pgbench']}, {runs_text(raw)} each)"
     head = ["synchronous standby", "median TPS", "standby CPU (% of a core)", "ratio"]
-    return [f"### {title}", "", *table(head, rows), ""]
+    turns = sorted(set(raw.get("klio_turns", [])))
+    note = [f"Klio's streaming loop: {', '.join(turns)}.", ""] if turns else []
+    return [f"### {title}", "", *table(head, rows), "", *note]
 
 
 def render_restore(summary: Mapping[str, Any], raw: Mapping[str, Any]) -> list[str]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 from typing import Any
 
-from bench.lab import Child, Lab, drop_tree, klio_receiver, process_cpu, say
+from bench.lab import CLUSTER, Child, Lab, drop_tree, klio_receiver, process_cpu, say
 from klio_dev import wait_until
 
 STANDBYS = ("pg_receivewal", "klio")
@@ -23,6 +24,7 @@ def run(lab: Lab, *, runs: int, seconds: int, scale: int) -> dict[str, Any]:
     say(f"sync: pgbench -i -s {scale}")
     lab.pgbench_init(scale)
     samples: dict[str, list[dict[str, float]]] = {s: [] for s in STANDBYS}
+    turns: list[str] = []  # Klio's loop in each run: "native" or "python" (its status document)
     base = lab.root / "sync"
     for i in range(runs):
         for standby in STANDBYS[i % 2 :] + STANDBYS[: i % 2]:
@@ -33,6 +35,8 @@ def run(lab: Lab, *, runs: int, seconds: int, scale: int) -> dict[str, Any]:
                 child = _start(lab, standby, out, slot)
                 try:
                     sample = _measure(lab, child, APPLICATION_NAMES[standby], seconds)
+                    if standby == "klio":
+                        turns.append(_turn(out))
                 finally:
                     # Never stop the only synchronous standby while it is required (pitfall P9).
                     _desynchronize(lab)
@@ -42,7 +46,18 @@ def run(lab: Lab, *, runs: int, seconds: int, scale: int) -> dict[str, Any]:
             samples[standby].append(sample)
             say(f"sync run {i + 1}/{runs} {standby}: {sample['tps']:.0f} tps")
             drop_tree(out)
-    return {"pgbench": f"-c 4 -j 2 -T {seconds}", "scale": scale, "samples": samples}
+    return {
+        "pgbench": f"-c 4 -j 2 -T {seconds}",
+        "scale": scale,
+        "samples": samples,
+        "klio_turns": turns,
+    }
+
+
+def _turn(out: Path) -> str:
+    """Which loop Klio's receiver ran (`turn` in its status document)."""
+    status = json.loads((out / "tier1" / CLUSTER / "wal" / "status.json").read_bytes())
+    return str(status.get("turn"))
 
 
 def _start(lab: Lab, standby: str, out: Path, slot: str) -> Child:
