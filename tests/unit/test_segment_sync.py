@@ -14,7 +14,9 @@ from klio_common.catalog.wal import WalArchive
 from klio_common.crypto import KeyRing
 from klio_common.partial import PartialWriter, read_partial
 from klio_common.pg.walname import WalSegment
-from klio_wal_receiver.segments import ClosedSegment, SegmentWriter
+from klio_wal_receiver.announcer import ClosedSegment
+from klio_wal_receiver.receiver import recover
+from klio_wal_receiver.segments import SegmentWriter
 from tests.unit.test_objects import ring
 
 SEG = 1 << 20  # the smallest wal_segment_size
@@ -107,8 +109,8 @@ def test_recover_closes_a_complete_partial_and_keeps_an_incomplete_one(tmp_path:
         ) as partial:
             partial.append(0, data[:length])
     try:
-        assert writer.recover(writer.partial_path(full), full)
-        assert not writer.recover(writer.partial_path(short), short)
+        assert recover(writer, writer.partial_path(full), full)
+        assert not recover(writer, writer.partial_path(short), short)
     finally:
         writer.close()
     assert writer.archive.read(full.name, keys) == data

@@ -13,7 +13,8 @@ import pytest
 from klio_common import compression
 from klio_common.catalog.wal import WalArchive
 from klio_common.pg.walname import WalSegment
-from klio_wal_receiver.segments import ClosedSegment, SegmentWriter
+from klio_wal_receiver.announcer import ClosedSegment
+from klio_wal_receiver.segments import SegmentWriter
 from tests.unit.test_objects import ring
 
 SEG = 1 << 20  # the smallest wal_segment_size

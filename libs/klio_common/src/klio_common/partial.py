@@ -116,6 +116,7 @@ def _pwritev_dsync(fd: int, parts: list[bytes | memoryview], offset: int) -> int
 class SyncTail:
     """A ``.partial``'s state for a native `PartialWriter.append_sync` (see `sync_tail`)."""
 
+    writer: PartialWriter
     direct: DirectTail
     key: bytes
     prefix: bytes
@@ -247,8 +248,9 @@ class PartialWriter:
         direct, key = self._direct, self._sealer.key
         if not self._ready or direct is None or key is None:
             return None
+        sealer = self._sealer
         return SyncTail(
-            direct, key, self._sealer.prefix, self._sealer.digest, self._size, self._allocated,
+            self, direct, key, sealer.prefix, sealer.digest, self._size, self._allocated,
             self._index, self._frame_size,
         )  # fmt: skip
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from klio_common.catalog.wal import StoredObject, WalArchive
 from klio_common.compression import Codec
@@ -20,10 +21,21 @@ from klio_common.events.codec import event_id_for
 from klio_common.pg.lsn import Lsn
 from klio_common.pg.walname import WalSegment, history_name
 from klio_common.runtime.outbox import Outbox
-from klio_wal_receiver.segments import ClosedSegment
 from klio_wal_receiver.state import ReceiverState
 
 log = logging.getLogger("klio.wal_receiver")
+
+
+@dataclass(frozen=True)
+class ClosedSegment:
+    """A segment (or an old timeline's closed ``.partial``) now durable in the archive."""
+
+    name: str
+    segment: WalSegment
+    start_lsn: int
+    end_lsn: int
+    stored: StoredObject
+    partial: bool
 
 
 class Announcer:

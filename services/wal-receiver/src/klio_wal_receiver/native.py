@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 from psycopg.pq.abc import PGconn
 
 from klio_common import libpq
-from klio_common.partial import SyncTail
 from klio_wal_receiver.segments import SegmentWriter
 
 if TYPE_CHECKING:
@@ -94,25 +93,11 @@ class NativeTurn:
         found = writer.native_tail()
         if found is None:
             return None
-        buf, tail = found
+        buf, tail, base, received, verify_until = found
         t = self._t
-        self._load(t, writer, tail, reported, last_status, last_state)
-        code, msg = t.run(buf, tail.direct.buffer)
-        return code, msg, self._store(t, writer, tail, code)
-
-    def _load(
-        self,
-        t: Turn,
-        writer: SegmentWriter,
-        tail: SyncTail,
-        reported: int,
-        last_status: float,
-        last_state: float,
-    ) -> None:
         if self._keyed is not tail.key:
             t.key(tail.key, tail.prefix, tail.digest)
             self._keyed = tail.key
-        base, received, verify_until = writer.positions()
         start, fill = tail.direct.where()
         values = {
             "dfd": tail.direct.fd,
@@ -137,13 +122,12 @@ class NativeTurn:
         }
         for name, value in values.items():
             setattr(t, name, value)
-
-    def _store(
-        self, t: Turn, writer: SegmentWriter, tail: SyncTail, code: int
-    ) -> tuple[int, float, float, int, int, int]:
+        code, msg = t.run(buf, tail.direct.buffer)
+        # what the turns did, back into the objects (the file, the tail block, the positions)
+        tail.writer.synced_natively(t.index, t.file_size)
         tail.direct.moved(t.tail_start, t.tail_fill)
-        writer.advanced(t.received, t.submitted, t.index, t.file_size)
+        writer.advanced(t.received, t.submitted)
         if code == IOERR:
-            raise writer.native_failed(OSError(t.err, os.strerror(t.err)))
+            raise tail.writer.failed_natively(OSError(t.err, os.strerror(t.err)))
         flushes = t.index - tail.index
-        return t.reported, t.last_status, t.last_state, t.nbytes, t.wal_end, flushes
+        return code, msg, (t.reported, t.last_status, t.last_state, t.nbytes, t.wal_end, flushes)

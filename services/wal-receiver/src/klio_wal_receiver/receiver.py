@@ -8,9 +8,12 @@ import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+from klio_common import fsio
 from klio_common.catalog.wal import WalArchive
 from klio_common.errors import KlioError, Permanent, Retryable
+from klio_common.partial import read_partial
 from klio_common.pg.lsn import Lsn
 from klio_common.pg.server import check_server_version, check_wal_level, parse_size
 from klio_common.pg.timeline import TimelineHistory
@@ -23,7 +26,7 @@ from klio_common.replication import (
     XLogData,
 )
 from klio_common.runtime.settings import ClusterSettings
-from klio_wal_receiver.announcer import Announcer
+from klio_wal_receiver.announcer import Announcer, ClosedSegment
 from klio_wal_receiver.pump import SyncPump
 from klio_wal_receiver.segments import SegmentWriter
 from klio_wal_receiver.state import ReceiverState
@@ -183,7 +186,7 @@ class ClusterReceiver:
                 path.unlink()  # a crash after closing the segment, before removing its partial
             elif found is None:
                 found = seg.timeline, seg.start_lsn
-            elif not self.writer.recover(path, seg):
+            elif not recover(self.writer, path, seg):
                 log.error(
                     "cluster %s: %s is incomplete and older than the open segment; it is kept "
                     "for inspection and the archive may have a gap there",
@@ -365,3 +368,23 @@ class ClusterReceiver:
         await conn.send_status(int(writer.received), int(writer.durable))
         self.state.flushed(int(writer.durable), int(writer.received))
         return None
+
+
+def recover(writer: SegmentWriter, path: Path, seg: WalSegment) -> bool:
+    """Close a complete ``.partial`` left behind the open one into the segment's object.
+
+    A synchronous standby starts the next segment while the worker still writes the full one's
+    object (its bytes are durable in its ``.partial``); a crash in between leaves both. Returns
+    False, changing nothing, when ``path`` does not hold the whole segment.
+    """
+    keyring, size = writer.keyring, writer.seg_size
+    _, plain, valid_end = read_partial(path, keyring, source=f"open segment {path}")
+    if valid_end < size:
+        return False
+    stored = writer.archive.store_segment(
+        seg.name, memoryview(plain)[:size], codec=writer.codec, keyring=keyring
+    )
+    path.unlink()
+    fsio.fsync_dir(path.parent)
+    writer.on_closed(ClosedSegment(seg.name, seg, seg.start_lsn, seg.end_lsn, stored, False))
+    return True

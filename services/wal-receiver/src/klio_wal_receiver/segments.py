@@ -17,32 +17,20 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 from klio_common import compression, fsio
-from klio_common.catalog.wal import StoredObject, WalArchive
+from klio_common.catalog.wal import WalArchive
 from klio_common.compression import Codec
 from klio_common.crypto import KeyRing
 from klio_common.errors import ConflictError, KlioError, Retryable
 from klio_common.partial import PartialWriter, SyncTail, read_partial
 from klio_common.pg.lsn import Lsn
 from klio_common.pg.walname import WalSegment
+from klio_wal_receiver.announcer import ClosedSegment
 
 PREALLOCATE_MARGIN = 1 << 20  # zeros beyond a segment in a synchronous .partial (frame overhead)
 MAX_PENDING_CLOSES = 4  # bounded memory: each pending close holds one segment's plaintext
-
-
-@dataclass(frozen=True)
-class ClosedSegment:
-    """A segment (or an old timeline's closed ``.partial``) now durable in the archive."""
-
-    name: str
-    segment: WalSegment
-    start_lsn: int
-    end_lsn: int
-    stored: StoredObject
-    partial: bool
 
 
 class SegmentWriter:
@@ -173,24 +161,6 @@ class SegmentWriter:
             return prepared[1].result()
         except (KlioError, OSError):
             return None  # created on first use instead, where the error is reported
-
-    def recover(self, path: Path, seg: WalSegment) -> bool:
-        """Close a complete ``.partial`` left behind the open one into the segment's object.
-
-        A synchronous standby starts the next segment while the worker still writes the full
-        one's object (its bytes are durable in its ``.partial``); a crash in between leaves
-        both. Returns False, changing nothing, when ``path`` does not hold the whole segment.
-        """
-        _, plain, valid_end = read_partial(path, self.keyring, source=f"open segment {path}")
-        if valid_end < self.seg_size:
-            return False
-        stored = self.archive.store_segment(
-            seg.name, memoryview(plain)[: self.seg_size], codec=self.codec, keyring=self.keyring
-        )
-        path.unlink()
-        fsio.fsync_dir(path.parent)
-        self.on_closed(ClosedSegment(seg.name, seg, seg.start_lsn, seg.end_lsn, stored, False))
-        return True
 
     # -- receiving ----------------------------------------------------------------------------
 
@@ -355,39 +325,28 @@ class SegmentWriter:
 
     # -- the pump's native turn (`native.NativeTurn`) ------------------------------------------
 
-    def native_tail(self) -> tuple[bytearray, SyncTail] | None:
-        """The open segment's buffer and its ``.partial``'s state when a native turn can append
-        to it as `flush_here` would on its short path; else None. Reaps the worker first."""
+    def native_tail(self) -> tuple[bytearray, SyncTail, int, int, int] | None:
+        """For a native turn, when it can append as `flush_here`'s short path would: the open
+        segment's buffer, its ``.partial``'s state, first LSN, bytes received, and bytes that
+        must match (resumed); else None. Reaps the worker first."""
         if self._jobs and self._jobs[0].done():
             self.poll()
         writer = self._part.writer
         if self.seg is None or writer is None or self._submitted < self._received:
             return None
         tail = writer.sync_tail()
-        return None if tail is None else (self._buf, tail)
+        if tail is None:
+            return None
+        return self._buf, tail, self._base, self._received, self._verify_until
 
-    def positions(self) -> tuple[int, int, int]:
-        """The open segment's first LSN, bytes received, and bytes that must match (resumed)."""
-        return self._base, self._received, self._verify_until
-
-    def advanced(self, received: int, durable: int, frames: int, size: int) -> None:
+    def advanced(self, received: int, durable: int) -> None:
         """A native turn received the open segment up to offset ``received`` and made it
-        durable up to offset ``durable``: its ``.partial`` now holds ``frames`` frames and is
-        ``size`` bytes long."""
+        durable (appended to its ``.partial`` and synced) up to offset ``durable``."""
         self._received, self.received = received, self._base + received
-        writer = self._part.writer
-        assert writer is not None
-        writer.synced_natively(frames, size)
         if durable > self._submitted:
             self._submitted = durable
             # No lock, as in flush_here: only the pump's thread moves `durable` in a segment.
             self.durable = self._base + durable
-
-    def native_failed(self, exc: OSError) -> Exception:
-        """A native turn's append to the ``.partial`` failed: the error to raise."""
-        writer = self._part.writer
-        assert writer is not None
-        return writer.failed_natively(exc)
 
     async def drain(self) -> None:
         """Wait for every submitted job."""
