@@ -252,6 +252,10 @@ def test_wal_status_reports_the_receiver_and_the_archive(
     assert "streaming (updated" in text
     assert "000000010000000000000003" in text
 
+    archive.write_status({**status, "synchronous": True, "turn": "native"})
+    assert json.loads(klio("wal", "status", "--json", config=config).stdout)["turn"] == "native"
+    assert "native turn" in klio("wal", "status", config=config).stdout
+
     archive.write_status({**status, "updated_at": time.time() - 45})
     doc = json.loads(klio("wal", "status", "--json", config=config).stdout)
     assert doc["stale"] is True

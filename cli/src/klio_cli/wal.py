@@ -157,6 +157,7 @@ def status_command(ns: argparse.Namespace, now: float | None = None) -> int:
         "last_closed_segment",
         "segments_closed",
         "synchronous",
+        "turn",
         "last_error",
         "updated_at",
     ):
@@ -222,12 +223,13 @@ def _print_status(doc: dict[str, Any]) -> None:
         if doc["lag_seconds"] is not None:
             lag += f", {float(doc['lag_seconds']):.1f} s"
     arch = doc["archive"]
+    turn = doc["turn"]  # a synchronous standby's loop: native or python
     output.table(
         [
             ("cluster", doc["cluster"]),
             ("receiver", state),
             ("slot", show(doc["slot"])),
-            ("synchronous", show(doc["synchronous"])),
+            ("synchronous", show(doc["synchronous"]) + (f", {turn} turn" if turn else "")),
             ("server timeline", show(doc["server_timeline"])),
             ("server LSN", show(doc["server_lsn"])),
             ("received LSN", show(doc["received_lsn"])),
