@@ -50,10 +50,9 @@ class NativeTurn:
     Use `create`, then `run` whenever `SegmentWriter.native_tail` allows it.
     """
 
-    def __init__(self, turn: Turn, state_every: float) -> None:
+    def __init__(self, turn: Turn) -> None:
         self._t = turn
         self._keyed: bytes | None = None  # the data key loaded into the cipher
-        self.state_every = state_every
 
     @classmethod
     def create(
@@ -70,7 +69,7 @@ class NativeTurn:
         turn.connect(*found)
         turn.sock, turn.wake, turn.interval = pg.socket, wake, interval
         turn.state_every = state_every
-        return cls(turn, state_every)
+        return cls(turn)
 
     def run(
         self,

@@ -25,7 +25,6 @@ from psycopg.pq.abc import PGconn
 from klio_common.errors import Retryable
 from klio_common.replication import PG_EPOCH_US, ReplicationConnection
 from klio_wal_receiver import native as native_turn
-from klio_wal_receiver.native import NativeTurn
 from klio_wal_receiver.segments import SegmentWriter
 from klio_wal_receiver.state import ReceiverState
 
@@ -107,7 +106,7 @@ class SyncPump:
         reported = -1
         last_status = last_state = monotonic()
         size = 0
-        native = NativeTurn.create(pg, self._wake_r, interval, STATE_EVERY)
+        native = native_turn.NativeTurn.create(pg, self._wake_r, interval, STATE_EVERY)
         pending: bytes | None = None  # a message the native turn handed back
         self.state.turn = "python" if native is None else "native"
         while not self._stopping:
@@ -127,7 +126,7 @@ class SyncPump:
                     elif code == native_turn.PENDING:
                         self._flush(pg)
                     if code not in (native_turn.SLOW, native_turn.NOFAST):
-                        continue  # PENDING: the next native turn starts with consume_input
+                        continue  # STOP: the loop's condition ends it; the others: turn on
             reply = False
             msg: memoryview | None = None if pending is None else memoryview(pending)
             pending = None
