@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,6 +26,18 @@ def writer(path: Path, keyring: KeyRing, ahead: int = AHEAD) -> PartialWriter:
         keyring=keyring,
         frame_size=4096,
         preallocate=ahead,
+    )
+
+
+def sync_writer(path: Path, keyring: KeyRing, direct: bool = False) -> PartialWriter:
+    """A synchronous standby's: frames not compressed, zero-filled ahead."""
+    return PartialWriter.create(
+        path,
+        name="000000010000000000000003",
+        codec=compression.get("none"),
+        keyring=keyring,
+        preallocate=AHEAD,
+        direct=direct,
     )
 
 
@@ -61,13 +75,7 @@ def test_append_sync_writes_with_rwf_dsync_and_falls_back_when_refused(
 ) -> None:
     keys = ring(tmp_path)
     path = tmp_path / "seg.partial"
-    w = PartialWriter.create(
-        path,
-        name="000000010000000000000003",
-        codec=compression.get("none"),
-        keyring=keys,
-        preallocate=AHEAD,
-    )
+    w = sync_writer(path, keys)
     w.sync()  # published: append_sync takes its short path from now on
     real, flags_seen = os.pwritev, []
     refuse = {"on": False}
@@ -91,3 +99,38 @@ def test_append_sync_writes_with_rwf_dsync_and_falls_back_when_refused(
     _, plain, valid_end = read_partial(path, keys, source="p")
     assert valid_end == len(data)
     assert bytes(plain[:valid_end]) == data
+
+
+def test_a_prepared_partials_first_append_sync_is_one_direct_write_then_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A synchronous standby's segment switch: the next segment's .partial was created and
+    # zero-filled ahead (header durable); its first commit must not pay a buffered write and
+    # an fdatasync on top of the direct write before the file is published.
+    keys = ring(tmp_path)
+    path = tmp_path / "seg.partial"
+    w = sync_writer(path, keys, direct=True)
+    assert w.direct_io and not path.exists()
+    calls: list[str] = []
+
+    def recorded(name: str) -> Callable[..., Any]:
+        real = getattr(os, name)
+
+        def call(*args: Any) -> Any:
+            calls.append(name)
+            return real(*args)
+
+        return call
+
+    for name in ("fdatasync", "fsync", "pwrite", "preadv"):  # preadv: the block's reload
+        monkeypatch.setattr(os, name, recorded(name))
+    data = os.urandom(5000)
+    w.append_sync(0, memoryview(data)[:3000])
+    assert path.exists() and calls == ["fsync"]  # the directory's, after the rename: no more
+    w.append_sync(3000, memoryview(data)[3000:])
+    assert calls == ["fsync"]
+    monkeypatch.undo()
+    w.close()
+    _, plain, valid_end = read_partial(path, keys, source="p")
+    assert valid_end == len(data) and bytes(plain[:valid_end]) == data
+    assert not list(tmp_path.glob("*.tmp*"))

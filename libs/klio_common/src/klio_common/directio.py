@@ -116,6 +116,14 @@ class DirectTail:
         """Native code appended through the buffer: it now starts at ``start``, ``fill`` long."""
         self._start, self._fill = start, fill
 
+    def holds(self, start: int, content: bytes | memoryview) -> None:
+        """The file holds ``content`` at block-aligned ``start``, then zeros (written and synced
+        by another descriptor): the next append after it needs no read of that block."""
+        if start % BLOCK or len(content) >= BLOCK:
+            raise ValueError(f"not a block's start: {len(content)} bytes at {start}")
+        self._view[: len(content)] = content
+        self._start, self._fill = start, len(content)
+
     def invalidate(self) -> None:
         """The file was written by another descriptor: reload its last block before the next."""
         self._start = -1

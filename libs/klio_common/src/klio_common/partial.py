@@ -188,6 +188,12 @@ class PartialWriter:
         try:
             os.fchmod(fd, file_mode)
             writer._write([sealer.head])
+            if preallocate:  # zero-filled and synced before the header was written
+                os.fdatasync(fd)  # so that a first direct append may publish the file as is
+            if writer._direct is not None:  # which then needs no read of the header's block
+                head = sealer.head
+                start = len(head) - len(head) % BLOCK
+                writer._direct.holds(start, head[start:])
         except BaseException:
             writer._discard()
             raise
@@ -224,7 +230,13 @@ class PartialWriter:
         """
         size = len(data)
         length = FRAME_HEAD + size + crypto.TAG_SIZE  # uncompressed and sealed
-        if not self._ready or size > self._frame_size or self._size + length > self._allocated:
+        if size > self._frame_size or self._size + length > self._allocated:
+            ready = False
+        elif not (ready := self._ready):
+            # The first sync of a file zero-filled ahead (a segment's first commit): the frame
+            # goes the same way, then the file is published (its header is durable already).
+            ready = self._direct is not None and self._fast(published=False)
+        if not ready:
             self.append(offset, data)
             self.sync()
             return
@@ -237,11 +249,13 @@ class PartialWriter:
                 parts = self._sealer.seal(self._index, 0, offset, size, data)
                 if _pwritev_dsync(self._fd, parts, self._size) != length:
                     raise OSError(errno.EIO, "short write")
+            self._index += 1
+            self._size += length
+            if not self._published:
+                self._publish()
         except OSError as exc:
             self._fail()  # after a failed write or fsync the file's state is unknown
             raise self._os_error(exc) from exc
-        self._index += 1
-        self._size += length
 
     def sync_tail(self) -> SyncTail | None:
         """What a native `append_sync` needs, when its short path applies (else None)."""
@@ -272,13 +286,21 @@ class PartialWriter:
             else:
                 os.fsync(self._fd)
             if not self._published:
-                self._tmp.replace(self.path)
-                self._published = True
-                fsio.fsync_dir(self.path.parent)
-                self._ready = self._codec.name == "none" and self._sealer.cipher is not None
+                self._publish()
         except OSError as exc:
             self._fail()  # after a failed fsync the page cache state is unknown
             raise self._os_error(exc) from exc
+
+    def _fast(self, *, published: bool = True) -> bool:
+        """Whether `append_sync`'s short path suits this file (once ``published``)."""
+        fast = self._codec.name == "none" and self._sealer.cipher is not None
+        return fast and published == self._published and not (self._failed or self._closed)
+
+    def _publish(self) -> None:
+        self._tmp.replace(self.path)
+        self._published = True
+        fsio.fsync_dir(self.path.parent)
+        self._ready = self._fast()
 
     def reserve(self) -> None:
         """Zero-fill the ``preallocate`` bytes now (and fsync), not at the first append."""
@@ -369,6 +391,10 @@ class PartialWriter:
                 path = self.path if self._published else self._tmp
                 capacity = FRAME_HEAD + self._frame_size + crypto.TAG_SIZE
                 self._direct = DirectTail.open(path, capacity, probe)
+        if self._direct is not None:
+            # The zeros are durable and only direct writes follow: out of the page cache now,
+            # or every direct write would have to invalidate the cached pages it covers.
+            os.posix_fadvise(self._fd, start, end - start, os.POSIX_FADV_DONTNEED)
 
     def _os_error(self, exc: OSError) -> Exception:
         return fsio.space_error(self.path, exc) or exc
