@@ -78,7 +78,11 @@ def summarize_sync(raw: Mapping[str, Any]) -> dict[str, Any]:
         raw: ``{"samples": {standby: [{"tps", "cpu_seconds", "seconds"}, ...]}}``.
 
     Returns:
-        ``{standby: {"median_tps", "cpu_pct"}, ..., "ratio": {variant: Klio TPS / its TPS}}``.
+        ``{standby: {"median_tps", "cpu_pct"}, ..., "ratio": {variant: Klio TPS / its TPS},
+        "pairs": {variant: [ratio of run i, ...]}, "median_pair": {variant: their median}}``.
+        Run i of each standby is adjacent in time (`sync_standby.run` alternates the order), so
+        a pair's ratio is free of the machine's drift over the run, which the ratio of the
+        medians is not.
     """
     out: dict[str, Any] = {}
     for name, samples in raw["samples"].items():
@@ -90,6 +94,13 @@ def summarize_sync(raw: Mapping[str, Any]) -> dict[str, Any]:
         }
     base = out[SYNC_BASELINE]["median_tps"]
     out["ratio"] = {v: ratio(out[v]["median_tps"], base) for v in SYNC_VARIANTS if v in out}
+    tps = {name: column(samples, "tps") for name, samples in raw["samples"].items()}
+    out["pairs"] = {
+        v: [ratio(k, b) for k, b in zip(tps[v], tps[SYNC_BASELINE], strict=False)]
+        for v in SYNC_VARIANTS
+        if v in tps
+    }
+    out["median_pair"] = {v: median(pairs) for v, pairs in out["pairs"].items() if pairs}
     return out
 
 
@@ -141,7 +152,7 @@ def required_figures(benchmarks: Sequence[str]) -> list[str]:
     if "sync_standby" in benchmarks:
         for name in (SYNC_BASELINE, *SYNC_VARIANTS):
             needed += [f"sync_standby.{name}.median_tps", f"sync_standby.{name}.cpu_pct"]
-        needed += [f"sync_standby.ratio.{v}" for v in SYNC_VARIANTS]
+        needed += [f"sync_standby.{f}.{v}" for f in ("ratio", "median_pair") for v in SYNC_VARIANTS]
     if "wal_restore_cost" in benchmarks:
         for name in (RESTORE_BASELINE, *RESTORE_METHODS):
             needed += [f"wal_restore_cost.{name}.mean_ms", f"wal_restore_cost.{name}.median_ms"]
@@ -158,6 +169,8 @@ def figures(summary: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             flat.update(figures(value, name + "."))
+        elif isinstance(value, list):
+            flat.update({f"{name}.{i}": float(v) for i, v in enumerate(value)})
         else:
             flat[name] = float(value)
     return flat
@@ -222,8 +235,14 @@ def render_sync(summary: Mapping[str, Any], raw: Mapping[str, Any]) -> list[str]
     title = f"pgbench with one synchronous standby ({raw['pgbench']}, {runs_text(raw)} each)"
     head = ["synchronous standby", "median TPS", "standby CPU (% of a core)", "ratio"]
     turns = sorted(set(raw.get("klio_turns", [])))
-    note = [f"Klio's streaming loop: {', '.join(turns)}.", ""] if turns else []
-    return [f"### {title}", "", *table(head, rows), "", *note]
+    note = [f"Klio's streaming loop: {', '.join(turns)}."] if turns else []
+    for name, pairs in summary.get("pairs", {}).items():
+        listed = ", ".join(f"{p:.2f}" for p in pairs)
+        note.append(
+            f"{LABELS[name].split(' (')[0]} pair by pair (adjacent runs): {listed}; "
+            f"median pair {times(summary['median_pair'][name])}."
+        )
+    return [f"### {title}", "", *table(head, rows), "", *note, *([""] if note else [])]
 
 
 def render_restore(summary: Mapping[str, Any], raw: Mapping[str, Any]) -> list[str]:

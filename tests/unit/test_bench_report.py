@@ -37,8 +37,16 @@ def _sync() -> dict[str, Any]:
     return {
         "pgbench": "-c 4 -j 2 -T 30",
         "samples": {
-            "pg_receivewal": [{"tps": 1000.0, "cpu_seconds": 3.0, "seconds": 30.0}],
-            "klio": [{"tps": 1200.0, "cpu_seconds": 6.0, "seconds": 30.0}],
+            "pg_receivewal": [
+                {"tps": 1000.0, "cpu_seconds": 3.0, "seconds": 30.0},
+                {"tps": 1500.0, "cpu_seconds": 3.0, "seconds": 30.0},
+                {"tps": 900.0, "cpu_seconds": 3.0, "seconds": 30.0},
+            ],
+            "klio": [
+                {"tps": 1200.0, "cpu_seconds": 6.0, "seconds": 30.0},
+                {"tps": 1800.0, "cpu_seconds": 6.0, "seconds": 30.0},
+                {"tps": 450.0, "cpu_seconds": 6.0, "seconds": 30.0},
+            ],
         },
     }
 
@@ -86,6 +94,11 @@ def test_sync_median_tps_and_ratio() -> None:
     assert summary["klio"]["median_tps"] == 1200.0
     assert summary["ratio"] == {"klio": pytest.approx(1.2)}
     assert summary["pg_receivewal"]["cpu_pct"] == pytest.approx(10.0)
+    # the machine drifted (900 to 1500 TPS): each pair of adjacent runs compares like with like
+    assert summary["pairs"]["klio"] == [pytest.approx(1.2), pytest.approx(1.2), pytest.approx(0.5)]
+    assert summary["median_pair"]["klio"] == pytest.approx(1.2)
+    lines = report.render_sync(summary, _sync())
+    assert "Klio pair by pair (adjacent runs): 1.20, 1.20, 0.50; median pair 1.20×." in lines
 
 
 def test_restore_costs_and_ratios_to_cp() -> None:
@@ -149,7 +162,7 @@ def test_render_has_a_table_per_benchmark() -> None:
     assert "| `klio wal-restore` (process) | 30.0 | 20.0 | — | 3.00× | 2.00× |" in text
     assert "| pg_receivewal | 50.0 | 2.00 | — | — | 25% | 100 | 1.00× (baseline) |" in text
     assert "(3 runs each)" in text
-    assert "(-c 4 -j 2 -T 30, 1 run each)" in text
+    assert "(-c 4 -j 2 -T 30, 3 runs each)" in text
     assert "stored 8.0 MB each" in text
 
 
