@@ -225,18 +225,15 @@ class PartialWriter:
         """`append` then `sync`: a synchronous standby's per-commit path, kept short.
 
         One frame, one ``pwritev`` into the zero-filled space with ``RWF_DSYNC`` (its
-        ``fdatasync`` in the same system call), direct where the file system allows it;
-        anything else (a first sync, a frame to split, zeros to add) takes the general path.
+        ``fdatasync`` in the same system call), direct where the file system allows it. The
+        first sync of a file written directly also goes this way (a segment's first commit on
+        a ``.partial`` prepared ahead, its header synced at creation), then publishes the file.
+        Anything else (a frame to split, zeros to add) takes the general path.
         """
         size = len(data)
         length = FRAME_HEAD + size + crypto.TAG_SIZE  # uncompressed and sealed
-        if size > self._frame_size or self._size + length > self._allocated:
-            ready = False
-        elif not (ready := self._ready):
-            # The first sync of a file zero-filled ahead (a segment's first commit): the frame
-            # goes the same way, then the file is published (its header is durable already).
-            ready = self._direct is not None and self._fast(published=False)
-        if not ready:
+        short = self._ready or (not self._published and self._direct is not None and self._fast())
+        if not short or size > self._frame_size or self._size + length > self._allocated:
             self.append(offset, data)
             self.sync()
             return
@@ -291,10 +288,10 @@ class PartialWriter:
             self._fail()  # after a failed fsync the page cache state is unknown
             raise self._os_error(exc) from exc
 
-    def _fast(self, *, published: bool = True) -> bool:
-        """Whether `append_sync`'s short path suits this file (once ``published``)."""
+    def _fast(self) -> bool:
+        """Whether `append_sync`'s short path suits this file: sealed, raw frames, sound."""
         fast = self._codec.name == "none" and self._sealer.cipher is not None
-        return fast and published == self._published and not (self._failed or self._closed)
+        return fast and not (self._failed or self._closed)
 
     def _publish(self) -> None:
         self._tmp.replace(self.path)
