@@ -84,7 +84,6 @@ def partial(tmp_path: Path) -> Iterator[PartialWriter]:
         preallocate=SEG + (1 << 20),
         direct=True,
     )
-    writer.reserve()
     writer.append(0, b"\x01" * 100)  # the first append publishes the file (Python's path)
     writer.sync()
     with writer:

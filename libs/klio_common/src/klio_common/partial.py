@@ -183,14 +183,15 @@ class PartialWriter:
         tmp = fsio.temp_path(path)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, file_mode)
         writer = cls(path, sealer, codec, fd, tmp, frame_size)
-        writer._ahead = preallocate
         writer._want_direct = direct and preallocate > 0
         try:
             os.fchmod(fd, file_mode)
             writer._write([sealer.head])
-            if preallocate:  # zero-filled and synced before the header was written
-                os.fdatasync(fd)  # so that a first direct append may publish the file as is
-            if writer._direct is not None:  # which then needs no read of the header's block
+            writer._ahead = preallocate
+            # The zeros after the header, synced with it: a first direct append may then
+            # publish the file as is, without a read of the header's block (`holds`).
+            writer._reserve()
+            if writer._direct is not None:
                 head = sealer.head
                 start = len(head) - len(head) % BLOCK
                 writer._direct.holds(start, head[start:])
@@ -299,9 +300,8 @@ class PartialWriter:
         fsio.fsync_dir(self.path.parent)
         self._ready = self._fast()
 
-    def reserve(self) -> None:
-        """Zero-fill the ``preallocate`` bytes now (and fsync), not at the first append."""
-        self._check()
+    def _reserve(self) -> None:
+        """Zero-fill the ``preallocate`` bytes after the header (and fsync both)."""
         if self._ahead and not self._allocated:
             try:
                 self._zero_fill(self._size + self._ahead)

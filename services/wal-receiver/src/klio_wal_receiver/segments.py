@@ -109,7 +109,7 @@ class SegmentWriter:
             elif writer is not None:
                 self._part.writer = writer
             nxt = seg.next()  # its .partial is created and zero-filled while this one fills
-            self._prepared = (nxt, self._pool.submit(self._new_partial_writer, nxt, True))
+            self._prepared = (nxt, self._pool.submit(self._new_partial_writer, nxt))
         if not resume:
             return
         path = self._part.path
@@ -133,8 +133,8 @@ class SegmentWriter:
         writer.sync()
         part.writer = writer
 
-    def _new_partial_writer(self, seg: WalSegment, reserve: bool = False) -> PartialWriter:
-        writer = PartialWriter.create(
+    def _new_partial_writer(self, seg: WalSegment) -> PartialWriter:
+        return PartialWriter.create(
             self.partial_path(seg),
             kind="partial",
             name=seg.name,
@@ -145,9 +145,6 @@ class SegmentWriter:
             preallocate=self.preallocate,
             direct=self.synchronous,
         )
-        if reserve:
-            writer.reserve()
-        return writer
 
     def _take_prepared(self, seg: WalSegment) -> PartialWriter | None:
         """The writer prepared for ``seg`` on the worker (waited for), or None."""
