@@ -94,15 +94,17 @@ def _failing(code: int) -> Callable[..., int]:
     return pwritev
 
 
-def test_seal_into_builds_the_frame_seal_builds(tmp_path: Path) -> None:
-    keys = ring(tmp_path)
+@pytest.mark.parametrize("encrypted", [True, False])
+def test_seal_into_builds_the_frame_seal_builds(tmp_path: Path, encrypted: bool) -> None:
+    keys = ring(tmp_path) if encrypted else KeyRing.none()
     header, key = new_header(
         kind="partial", name="n", codec=compression.get("none"), keyring=keys, size=None,
         sha=None, extra=None,
     )  # fmt: skip
     sealer = Sealer(header, key)
+    assert sealer.tag_size == (16 if encrypted else 0)
     data = memoryview(os.urandom(777))
-    buf = bytearray(FRAME_HEAD + 777 + 16)
+    buf = bytearray(FRAME_HEAD + 777 + sealer.tag_size)
     sealer.seal_into(memoryview(buf), 5, 1234, data)
     assert bytes(buf) == b"".join(sealer.seal(5, 0, 1234, 777, data))
 
@@ -119,9 +121,12 @@ def direct_writer(path: Path, keys: KeyRing, *, direct: bool = True) -> PartialW
     )
 
 
+@pytest.mark.parametrize("encrypted", [True, False], ids=["sealed", "plain"])
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
-def test_synchronous_appends_read_back_exactly(tmp_path: Path, direct: bool) -> None:
-    keys = ring(tmp_path)
+def test_synchronous_appends_read_back_exactly(
+    tmp_path: Path, direct: bool, encrypted: bool
+) -> None:
+    keys = ring(tmp_path) if encrypted else KeyRing.none()
     path = tmp_path / "seg.partial"
     w = direct_writer(path, keys, direct=direct)
     data = os.urandom(300_000)

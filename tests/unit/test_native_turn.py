@@ -73,9 +73,10 @@ def status(sent: bytes) -> tuple[int, int]:
 KEYRING = KeyRing("k1", {"k1": bytes(range(32))})
 
 
-@pytest.fixture
-def partial(tmp_path: Path) -> Iterator[PartialWriter]:
-    keyring = KEYRING
+@pytest.fixture(params=["sealed", "plain"])
+def partial(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[PartialWriter]:
+    # sealed: AES-256-GCM frames; plain: without encryption, the CRC-32 covers the payload
+    keyring = KEYRING if request.param == "sealed" else KeyRing.none()
     writer = PartialWriter.create(
         tmp_path / "seg.partial",
         name="seg",
@@ -102,7 +103,7 @@ def turn_for(tail: SyncTail, script: Script, wake: int, sock: int) -> tuple[Turn
     t: Turn = native._turn.Turn()
     get, free, consume, put, flush = (ctypes.cast(f, ctypes.c_void_p).value or 0 for f in fns)
     t.connect(1, get, free, consume, put, flush)
-    t.key(tail.key, tail.prefix, tail.digest)
+    t.key(tail.key or b"", tail.prefix, tail.digest)
     start, fill = tail.direct.where()
     values = dict(
         sock=sock, wake=wake, dfd=tail.direct.fd, base=BASE, seg_size=SEG, received=100,
@@ -130,6 +131,7 @@ def test_frames_read_back_and_each_flush_is_reported(
     assert native.built()
     tail = partial.sync_tail()
     assert tail is not None, "this file system takes O_DIRECT"
+    size = partial.path.stat().st_size
     buf = bytearray(SEG)
     buf[:100] = b"\x01" * 100
     pieces = [os.urandom(n) for n in (700, 4096, 5000, 1)]
@@ -147,6 +149,9 @@ def test_frames_read_back_and_each_flush_is_reported(
     flushed = [status(s)[1] for s in script.sent]
     ends = [BASE + 100 + sum(len(p) for p in pieces[: i + 1]) for i in range(len(pieces))]
     assert flushed == ends  # a reply after each frame's durable write, none before
+    tag = 0 if tail.key is None else 16
+    assert t.file_size - tail.size == sum(21 + len(p) + tag for p in pieces)
+    assert partial.path.stat().st_size == size  # written in the zero-filled space
     partial.synced_natively(t.index, t.file_size)
     tail.direct.moved(t.tail_start, t.tail_fill)
     partial.append_sync(at, memoryview(b"\x02" * 10))  # Python appends after it, as in the pump

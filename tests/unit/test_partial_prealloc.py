@@ -101,13 +101,15 @@ def test_append_sync_writes_with_rwf_dsync_and_falls_back_when_refused(
     assert bytes(plain[:valid_end]) == data
 
 
+@pytest.mark.parametrize("encrypted", [True, False], ids=["sealed", "plain"])
 def test_a_prepared_partials_first_append_sync_is_one_direct_write_then_the_rename(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, encrypted: bool
 ) -> None:
     # A synchronous standby's segment switch: the next segment's .partial was created and
     # zero-filled ahead (header durable); its first commit must not pay a buffered write and
-    # an fdatasync on top of the direct write before the file is published.
-    keys = ring(tmp_path)
+    # an fdatasync on top of the direct write before the file is published. Without
+    # encryption too: plain frames take the same path.
+    keys = ring(tmp_path) if encrypted else KeyRing.none()
     path = tmp_path / "seg.partial"
     w = sync_writer(path, keys, direct=True)
     assert w.direct_io and not path.exists()

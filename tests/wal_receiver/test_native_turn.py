@@ -1,7 +1,8 @@
 """The synchronous standby's native turn (`_turn.c`) against its Python loop, on a real stream.
 
-Both loops must leave the same archive: every closed segment byte-identical to ``pg_wal``, the
-open ``.partial`` holding exactly the WAL the primary has flushed, the slot never ahead of it.
+Both loops, with encryption or without, must leave the same archive: every closed segment
+byte-identical to ``pg_wal``, the open ``.partial`` holding exactly the WAL the primary has
+flushed, the slot never ahead of it.
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ def test_the_native_turn_is_built() -> None:
     assert native.built()
 
 
-@pytest.mark.parametrize("turn", ["native", "python"])
+@pytest.mark.parametrize(
+    ("turn", "encrypted"),
+    [("native", True), ("python", True), ("native", False)],
+    ids=["native", "python", "native-unencrypted"],
+)
 def test_synchronous_standby_archive_is_exact(
     pg: Any,
     nats_server: Any,
@@ -45,6 +50,7 @@ def test_synchronous_standby_archive_is_exact(
     workdir: Path,
     monkeypatch: pytest.MonkeyPatch,
     turn: str,
+    encrypted: bool,
 ) -> None:
     monkeypatch.setenv(native.ENV, "1" if turn == "native" else "0")
     config = write_config(
@@ -52,7 +58,7 @@ def test_synchronous_standby_archive_is_exact(
         pg=pg,
         nats_url=nats_server.url,
         tier1=tier1_dir,
-        keys=keyring_files,
+        keys=keyring_files if encrypted else None,
         synchronous=True,
     )
     settings = load(config)

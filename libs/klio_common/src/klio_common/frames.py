@@ -119,6 +119,7 @@ class Sealer:
         self.prefix = header.nonce_prefix
         self.cipher = crypto.data_cipher(data_key) if data_key is not None else None
         self.key = data_key  # for a native sealer of the same frames (the pump's turn)
+        self.tag_size = crypto.TAG_SIZE if data_key is not None else 0  # after each payload
 
     def seal(
         self, index: int, flags: int, offset: int, size: int, payload: bytes | memoryview
@@ -133,11 +134,15 @@ class Sealer:
 
     def seal_into(self, buf: memoryview, index: int, offset: int, data: memoryview) -> None:
         """`seal` ``data`` uncompressed into ``buf``, which is exactly the frame's size
-        (``FRAME_HEAD + len(data) + TAG_SIZE``); only with a cipher, no flags."""
-        assert self.cipher is not None, "seal_into needs a data key"
+        (``FRAME_HEAD + len(data) + tag_size``); no flags."""
         size = len(data)
-        _FRAME.pack_into(buf, 0, size + crypto.TAG_SIZE, 0, offset, size)
-        _U32.pack_into(buf, _FRAME.size, zlib.crc32(buf[: _FRAME.size]))
+        _FRAME.pack_into(buf, 0, size + self.tag_size, 0, offset, size)
+        fields = buf[: _FRAME.size]
+        if self.cipher is None:
+            buf[FRAME_HEAD:] = data
+            _U32.pack_into(buf, _FRAME.size, zlib.crc32(data, zlib.crc32(fields)))
+            return
+        _U32.pack_into(buf, _FRAME.size, zlib.crc32(fields))
         nonce = self.prefix + _NONCE_INDEX.pack(index)
         aad = _AAD.pack(self.digest, index, 0, offset, size)
         self.cipher.encrypt_into(nonce, data, aad, buf[FRAME_HEAD:])

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from klio_common import crypto, fsio
+from klio_common import fsio
 from klio_common.compression import Codec
 from klio_common.crypto import KeyRing
 from klio_common.directio import BLOCK, DirectTail
@@ -118,7 +118,7 @@ class SyncTail:
 
     writer: PartialWriter
     direct: DirectTail
-    key: bytes
+    key: bytes | None  # None: frames are not encrypted (a CRC-32 covers the payload)
     prefix: bytes
     digest: bytes
     size: int
@@ -153,7 +153,7 @@ class PartialWriter:
         self.path, self._sealer, self._codec, self._fd, self._tmp = path, sealer, codec, fd, tmp
         self._frame_size, self._size, self._index = frame_size, 0, 0
         self._published = self._closed = self._failed = False
-        self._ready = False  # append_sync's short path applies: published, sealed, raw, sound
+        self._ready = False  # append_sync's short path applies: published, raw, sound
         self._ahead = self._allocated = 0  # zero-filled bytes: how many to keep ahead, up to
         self._direct: DirectTail | None = None  # append_sync's direct writes, once probed
         self._want_direct = False  # probe for direct I/O at the first zero-fill
@@ -232,7 +232,7 @@ class PartialWriter:
         Anything else (a frame to split, zeros to add) takes the general path.
         """
         size = len(data)
-        length = FRAME_HEAD + size + crypto.TAG_SIZE  # uncompressed and sealed
+        length = FRAME_HEAD + size + self._sealer.tag_size  # uncompressed
         short = self._ready or (not self._published and self._direct is not None and self._fast())
         if not short or size > self._frame_size or self._size + length > self._allocated:
             self.append(offset, data)
@@ -257,12 +257,12 @@ class PartialWriter:
 
     def sync_tail(self) -> SyncTail | None:
         """What a native `append_sync` needs, when its short path applies (else None)."""
-        direct, key = self._direct, self._sealer.key
-        if not self._ready or direct is None or key is None:
+        direct = self._direct
+        if not self._ready or direct is None:
             return None
         sealer = self._sealer
         return SyncTail(
-            self, direct, key, sealer.prefix, sealer.digest, self._size, self._allocated,
+            self, direct, sealer.key, sealer.prefix, sealer.digest, self._size, self._allocated,
             self._index, self._frame_size,
         )  # fmt: skip
 
@@ -290,9 +290,8 @@ class PartialWriter:
             raise self._os_error(exc) from exc
 
     def _fast(self) -> bool:
-        """Whether `append_sync`'s short path suits this file: sealed, raw frames, sound."""
-        fast = self._codec.name == "none" and self._sealer.cipher is not None
-        return fast and not (self._failed or self._closed)
+        """Whether `append_sync`'s short path suits this file: raw frames, sound."""
+        return self._codec.name == "none" and not (self._failed or self._closed)
 
     def _publish(self) -> None:
         self._tmp.replace(self.path)
@@ -386,7 +385,7 @@ class PartialWriter:
             probe = -(-start // BLOCK) * BLOCK  # a block of the zeros just made durable
             if probe + BLOCK <= end:
                 path = self.path if self._published else self._tmp
-                capacity = FRAME_HEAD + self._frame_size + crypto.TAG_SIZE
+                capacity = FRAME_HEAD + self._frame_size + self._sealer.tag_size
                 self._direct = DirectTail.open(path, capacity, probe)
         if self._direct is not None:
             # The zeros are durable and only direct writes follow: out of the page cache now,

@@ -24,6 +24,7 @@
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #define BLOCK 4096
 #define FRAME_HEAD 21  /* >IBQI fields (17 bytes), then the CRC-32 of the fields */
@@ -49,7 +50,8 @@ typedef struct {
     EVP_CIPHER_CTX *ctx;
     unsigned char prefix[4];
     unsigned char digest[16];
-    int keyed;
+    int keyed;  /* key() was called: frames are sealed (tag > 0) or plain (tag == 0) */
+    int tag;    /* bytes of AES-GCM tag after each payload */
     /* the state Python loads before `run` and reads back after it (members) */
     int sock, wake, dfd;
     long long base, seg_size, received, submitted, verify_until;
@@ -75,15 +77,6 @@ static uint64_t get64(const char *s) {
     return v;
 }
 
-static uint32_t crc32_of(const unsigned char *p, size_t n) {  /* zlib's CRC-32 */
-    uint32_t crc = 0xFFFFFFFFu;
-    for (size_t i = 0; i < n; i++) {
-        crc ^= p[i];
-        for (int k = 0; k < 8; k++) crc = (crc >> 1) ^ (0xEDB88320u & (0u - (crc & 1u)));
-    }
-    return ~crc;
-}
-
 static double monotonic(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -91,15 +84,21 @@ static double monotonic(void) {
 }
 
 /* Frame `index` of `size` plaintext bytes at segment offset `offset`, sealed into `out`
- * (FRAME_HEAD + size + TAG_SIZE bytes): the layout of `frames.Sealer.seal_into`. */
+ * (FRAME_HEAD + size + tag bytes): the layout of `frames.Sealer.seal_into`. Without a key the
+ * payload is the plaintext and the CRC-32 covers it too. */
 static int seal(Turn *t, unsigned char *out, const unsigned char *data, int size, long long offset) {
     unsigned char nonce[12], aad[37];
     int len = 0;
-    put32(out, (uint32_t)(size + TAG_SIZE));
+    put32(out, (uint32_t)(size + t->tag));
     out[4] = 0;
     put64(out + 5, (uint64_t)offset);
     put32(out + 13, (uint32_t)size);
-    put32(out + 17, crc32_of(out, 17));
+    if (t->tag == 0) {
+        memcpy(out + FRAME_HEAD, data, (size_t)size);
+        put32(out + 17, (uint32_t)crc32(crc32(0, out, 17), data, (uInt)size));
+        return 0;
+    }
+    put32(out + 17, (uint32_t)crc32(0, out, 17));
     memcpy(nonce, t->prefix, 4);
     put64(nonce + 4, (uint64_t)t->index);
     memcpy(aad, t->digest, 16);
@@ -119,7 +118,7 @@ static int seal(Turn *t, unsigned char *out, const unsigned char *data, int size
 /* `DirectTail.space` + `append`: the frame goes after the file's last, partly filled block,
  * which is written again from its start, zero-padded to a block, with RWF_DSYNC. */
 static int append(Turn *t, unsigned char *tail, const unsigned char *data, int size, long long offset) {
-    long long length = FRAME_HEAD + size + TAG_SIZE;
+    long long length = FRAME_HEAD + size + t->tag;
     if (t->tail_start < 0 || t->tail_start + t->tail_fill != t->file_size) {
         long long start = t->file_size - t->file_size % BLOCK, keep = t->file_size - start;
         ssize_t got = pread(t->dfd, tail, BLOCK, start);
@@ -185,7 +184,7 @@ static int turns(Turn *t, unsigned char *buf, unsigned char *tail, char **slow, 
         if (n < 0) return R_BROKEN;
         if (t->received > t->submitted) {
             long long lo = t->submitted, size = t->received - lo;
-            long long length = FRAME_HEAD + size + TAG_SIZE;
+            long long length = FRAME_HEAD + size + t->tag;
             if (size > t->frame_size || t->file_size + length > t->allocated || length > t->capacity)
                 return R_NOFAST;
             int rc = append(t, tail, buf + lo, (int)size, lo);
@@ -255,21 +254,27 @@ static PyObject *Turn_run(Turn *self, PyObject *args) {
     return Py_BuildValue("(iN)", code, msg);
 }
 
+/* key(data_key, nonce_prefix, digest) for sealed frames; key(b"", ...) for plain frames (the
+ * prefix and digest are not used then). */
 static PyObject *Turn_key(Turn *self, PyObject *args) {
     Py_buffer key, prefix, digest;
     if (!PyArg_ParseTuple(args, "y*y*y*", &key, &prefix, &digest)) return NULL;
-    int ok = key.len == 32 && prefix.len == 4 && digest.len == 16;
-    if (ok) {
+    int ok = key.len == 0 || (key.len == 32 && prefix.len == 4 && digest.len == 16);
+    if (ok && key.len) {
         memcpy(self->prefix, prefix.buf, 4);
         memcpy(self->digest, digest.buf, 16);
         ok = EVP_EncryptInit_ex(self->ctx, EVP_aes_256_gcm(), NULL, key.buf, NULL) == 1;
+    } else if (ok) {
+        ok = EVP_CIPHER_CTX_reset(self->ctx) == 1;  /* no earlier key stays behind */
     }
+    self->tag = key.len ? TAG_SIZE : 0;
     PyBuffer_Release(&key);
     PyBuffer_Release(&prefix);
     PyBuffer_Release(&digest);
     self->keyed = ok;
     if (!ok) {
-        PyErr_SetString(PyExc_ValueError, "turn: a 32-byte key, 4-byte prefix, 16-byte digest");
+        PyErr_SetString(PyExc_ValueError,
+                        "turn: a 32-byte key, 4-byte prefix, 16-byte digest (or no key)");
         return NULL;
     }
     Py_RETURN_NONE;
@@ -323,7 +328,8 @@ static PyMemberDef Turn_members[] = {
 
 static PyMethodDef Turn_methods[] = {
     {"run", (PyCFunction)Turn_run, METH_VARARGS, "Make turns until one needs Python."},
-    {"key", (PyCFunction)Turn_key, METH_VARARGS, "Set the data key, nonce prefix, digest."},
+    {"key", (PyCFunction)Turn_key, METH_VARARGS,
+     "Set the data key (b'' for plain frames), nonce prefix, digest."},
     {"connect", (PyCFunction)Turn_connect, METH_VARARGS, "Set the PGconn and libpq functions."},
     {NULL, NULL, 0, NULL},
 };

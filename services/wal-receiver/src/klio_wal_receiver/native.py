@@ -8,7 +8,8 @@ functions (of the library psycopg loaded), the same frame layout (`frames.Sealer
 AES-256-GCM through OpenSSL), the same direct write (`directio.DirectTail`). Everything else
 (a segment's first or last message, bytes to verify against a resumed ``.partial``, the first
 append of a ``.partial``, errors, stops) comes back to Python, which also brings the metrics up
-to date and reaps the segment worker every `pump.STATE_EVERY` seconds.
+to date and reaps the segment worker every `pump.STATE_EVERY` seconds. Without encryption the
+frames are plain (their CRC-32 covers the payload), as `Sealer.seal_into` writes them.
 
 The module is optional: without a compiler (or with ``KLIO_NATIVE_TURN=0``) the pump runs its
 Python loop, which is the reference the native one is tested against.
@@ -26,6 +27,7 @@ from klio_common import libpq
 from klio_wal_receiver.segments import SegmentWriter
 
 if TYPE_CHECKING:
+    from klio_common.partial import PartialWriter
     from klio_wal_receiver._turn import Turn
 
 _turn: ModuleType | None
@@ -52,7 +54,7 @@ class NativeTurn:
 
     def __init__(self, turn: Turn) -> None:
         self._t = turn
-        self._keyed: bytes | None = None  # the data key loaded into the cipher
+        self._keyed: PartialWriter | None = None  # whose frames the turn seals (its key)
 
     @classmethod
     def create(
@@ -94,9 +96,9 @@ class NativeTurn:
             return None
         buf, tail, base, received, verify_until = found
         t = self._t
-        if self._keyed is not tail.key:
-            t.key(tail.key, tail.prefix, tail.digest)
-            self._keyed = tail.key
+        if self._keyed is not tail.writer:  # every writer has its own data key
+            t.key(tail.key or b"", tail.prefix, tail.digest)
+            self._keyed = tail.writer
         start, fill = tail.direct.where()
         values = {
             "dfd": tail.direct.fd,
