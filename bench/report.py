@@ -14,7 +14,7 @@ __all__ = ["MB", "mean", "median", "ratio"]  # the arithmetic lives in bench.sta
 INGEST_BASELINE = "pg_receivewal"
 INGEST_VARIANTS = ("klio_zstd_aes", "klio_none")
 SYNC_BASELINE = "pg_receivewal"
-SYNC_VARIANTS = ("klio",)
+SYNC_VARIANTS = ("klio", "klio_plain")
 RESTORE_BASELINE = "cp"
 RESTORE_METHODS = (
     "klio_process",
@@ -31,6 +31,7 @@ LABELS = {
     "klio_zstd_aes": f"Klio, zstd-{_WAL_LEVEL} + AES-256-GCM",
     "klio_none": "Klio, no compression, no encryption",
     "klio": f"Klio (`synchronous: true`, zstd-{_WAL_LEVEL} + AES-256-GCM)",
+    "klio_plain": f"Klio, no encryption (`synchronous: true`, zstd-{_WAL_LEVEL})",
     "cp": "`cp` of a plain segment (process)",
     "klio_process": "`klio wal-restore` (process)",
     "python_startup": "`python -c pass` (interpreter start-up alone)",
@@ -80,7 +81,7 @@ def summarize_sync(raw: Mapping[str, Any]) -> dict[str, Any]:
     Returns:
         ``{standby: {"median_tps", "cpu_pct"}, ..., "ratio": {variant: Klio TPS / its TPS},
         "pairs": {variant: [ratio of run i, ...]}, "median_pair": {variant: their median}}``.
-        Run i of each standby is adjacent in time (`sync_standby.run` alternates the order), so
+        Run i of each standby is adjacent in time (`sync_standby.run` rotates the order), so
         a pair's ratio is free of the machine's drift over the run, which the ratio of the
         medians is not.
     """
@@ -239,7 +240,7 @@ def render_sync(summary: Mapping[str, Any], raw: Mapping[str, Any]) -> list[str]
     for name, pairs in summary.get("pairs", {}).items():
         listed = ", ".join(f"{p:.2f}" for p in pairs)
         note.append(
-            f"{LABELS[name].split(' (')[0]} pair by pair (adjacent runs): {listed}; "
+            f"{LABELS[name].split(' (')[0]}, pair by pair (adjacent runs): {listed}; "
             f"median pair {times(summary['median_pair'][name])}."
         )
     return [f"### {title}", "", *table(head, rows), "", *note, *([""] if note else [])]

@@ -10,13 +10,14 @@ from typing import Any
 from bench.lab import CLUSTER, Child, Lab, drop_tree, klio_receiver, process_cpu, say
 from klio_dev import wait_until
 
-STANDBYS = ("pg_receivewal", "klio")
-APPLICATION_NAMES = {"pg_receivewal": "pgrw", "klio": "klio"}
+# klio_plain: the same receiver without encryption (a supported setup: encryption is optional)
+STANDBYS = ("pg_receivewal", "klio", "klio_plain")
+APPLICATION_NAMES = {"pg_receivewal": "pgrw", "klio": "klio", "klio_plain": "klio_plain"}
 TIMEOUT = 300.0
 
 
 def run(lab: Lab, *, runs: int, seconds: int, scale: int) -> dict[str, Any]:
-    """Alternate the two standbys ``runs`` times each under ``pgbench -c 4 -j 2 -T seconds``.
+    """Rotate the standbys ``runs`` times each under ``pgbench -c 4 -j 2 -T seconds``.
 
     Returns:
         ``{"pgbench", "scale", "samples": {standby: [{"tps", "cpu_seconds", "seconds"}]}}``.
@@ -24,10 +25,11 @@ def run(lab: Lab, *, runs: int, seconds: int, scale: int) -> dict[str, Any]:
     say(f"sync: pgbench -i -s {scale}")
     lab.pgbench_init(scale)
     samples: dict[str, list[dict[str, float]]] = {s: [] for s in STANDBYS}
-    turns: list[str] = []  # Klio's loop in each run: "native" or "python" (its status document)
+    turns: list[str] = []  # Klio's loop in each of its runs: "native" or "python" (status)
     base = lab.root / "sync"
     for i in range(runs):
-        for standby in STANDBYS[i % 2 :] + STANDBYS[: i % 2]:
+        turn = i % len(STANDBYS)  # each standby goes first in turn: run i of each is adjacent
+        for standby in STANDBYS[turn:] + STANDBYS[:turn]:
             out = base / f"{standby}_{i}"
             slot = f"bench_sync_{standby}_{i}"
             lab.create_slots([slot])  # after a checkpoint: the standby starts near the end of WAL
@@ -35,7 +37,7 @@ def run(lab: Lab, *, runs: int, seconds: int, scale: int) -> dict[str, Any]:
                 child = _start(lab, standby, out, slot)
                 try:
                     sample = _measure(lab, child, APPLICATION_NAMES[standby], seconds)
-                    if standby == "klio":
+                    if standby != "pg_receivewal":
                         turns.append(_turn(out))
                 finally:
                     # Never stop the only synchronous standby while it is required (pitfall P9).
@@ -62,14 +64,14 @@ def _turn(out: Path) -> str:
 
 def _start(lab: Lab, standby: str, out: Path, slot: str) -> Child:
     log = out.parent / f"{out.name}.log"
-    if standby == "klio":
+    if standby != "pg_receivewal":
         config = lab.klio_config(
             out,
             slot=slot,
-            encrypted=True,
+            encrypted=standby == "klio",
             compression="zstd",
             synchronous=True,
-            application_name=APPLICATION_NAMES["klio"],
+            application_name=APPLICATION_NAMES[standby],
         )
         return klio_receiver(config, log)
     out.mkdir(parents=True)

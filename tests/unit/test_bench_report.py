@@ -47,6 +47,11 @@ def _sync() -> dict[str, Any]:
                 {"tps": 1800.0, "cpu_seconds": 6.0, "seconds": 30.0},
                 {"tps": 450.0, "cpu_seconds": 6.0, "seconds": 30.0},
             ],
+            "klio_plain": [
+                {"tps": 1100.0, "cpu_seconds": 5.0, "seconds": 30.0},
+                {"tps": 1500.0, "cpu_seconds": 5.0, "seconds": 30.0},
+                {"tps": 900.0, "cpu_seconds": 5.0, "seconds": 30.0},
+            ],
         },
     }
 
@@ -92,13 +97,16 @@ def test_ingest_median_throughput_and_ratio() -> None:
 def test_sync_median_tps_and_ratio() -> None:
     summary = report.summarize_sync(_sync())
     assert summary["klio"]["median_tps"] == 1200.0
-    assert summary["ratio"] == {"klio": pytest.approx(1.2)}
+    assert summary["ratio"] == {"klio": pytest.approx(1.2), "klio_plain": pytest.approx(1.1)}
     assert summary["pg_receivewal"]["cpu_pct"] == pytest.approx(10.0)
     # the machine drifted (900 to 1500 TPS): each pair of adjacent runs compares like with like
     assert summary["pairs"]["klio"] == [pytest.approx(1.2), pytest.approx(1.2), pytest.approx(0.5)]
     assert summary["median_pair"]["klio"] == pytest.approx(1.2)
     lines = report.render_sync(summary, _sync())
-    assert "Klio pair by pair (adjacent runs): 1.20, 1.20, 0.50; median pair 1.20×." in lines
+    assert "Klio, pair by pair (adjacent runs): 1.20, 1.20, 0.50; median pair 1.20×." in lines
+    assert summary["median_pair"]["klio_plain"] == pytest.approx(1.0)
+    plain = "Klio, no encryption, pair by pair (adjacent runs): 1.10, 1.00, 1.00; median pair 1.00×"
+    assert plain + "." in lines
 
 
 def test_restore_costs_and_ratios_to_cp() -> None:
@@ -131,6 +139,7 @@ def test_missing_figures_are_named() -> None:
 def test_required_figures_follow_the_benchmarks_run() -> None:
     only = report.required_figures(["sync_standby"])
     assert "sync_standby.ratio.klio" in only
+    assert "sync_standby.median_pair.klio_plain" in only
     assert not [f for f in only if not f.startswith("sync_standby.")]
 
 
