@@ -137,12 +137,11 @@ class Sealer:
         (``FRAME_HEAD + len(data) + tag_size``); no flags."""
         size = len(data)
         _FRAME.pack_into(buf, 0, size + self.tag_size, 0, offset, size)
-        fields = buf[: _FRAME.size]
+        crc = _frame_crc(buf[: _FRAME.size], data, self.cipher is not None)
+        _U32.pack_into(buf, _FRAME.size, crc)
         if self.cipher is None:
             buf[FRAME_HEAD:] = data
-            _U32.pack_into(buf, _FRAME.size, zlib.crc32(data, zlib.crc32(fields)))
             return
-        _U32.pack_into(buf, _FRAME.size, zlib.crc32(fields))
         nonce = self.prefix + _NONCE_INDEX.pack(index)
         aad = _AAD.pack(self.digest, index, 0, offset, size)
         self.cipher.encrypt_into(nonce, data, aad, buf[FRAME_HEAD:])
