@@ -292,12 +292,16 @@ def test_a_full_tier1_holds_the_announcements_back_and_loses_nothing(
             60,
             "the relay to say the volume is full",
         )
+        readyz = service_url(settings, "/readyz")
+        wait_until(lambda: http_get(readyz)[0] == 503, 60, "the relay to be unready")
+        assert "tier1: no space left on device" in http_get(readyz)[1]
         ballast.unlink()
         wait_until(lambda: set(paths) <= {e.path for e in _journal(settings)}, 60, "the journal")
         segments = {p.rsplit("/", 1)[1] for p in paths if "." not in p.rsplit("/", 1)[1]}
         wait_until(
             lambda: segments <= _relayed(nats_server.url), 60, "every segment announced relayed"
         )
+        wait_until(lambda: http_get(readyz)[0] == 200, 60, "the relay to be ready again")
     assert_bucket_mirrors(s3_server, settings, paths, "main/")
     assert _dead_letters(nats_server.url) == []
 

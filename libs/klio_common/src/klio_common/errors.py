@@ -31,6 +31,10 @@ class Retryable(KlioError):
     """A failure that may go away by itself (server down, timeout): try again later."""
 
 
+class VolumeFull(Retryable):
+    """A write to Tier 1 found no space left (or the quota used up); nothing was written."""
+
+
 class Permanent(KlioError):
     """A failure that retrying cannot fix (bad input, corrupt data, wrong key)."""
 

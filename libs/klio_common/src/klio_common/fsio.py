@@ -23,7 +23,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
-from klio_common.errors import ConflictError, Retryable
+from klio_common.errors import ConflictError, VolumeFull
 
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 """The errors of a full device or quota."""
@@ -178,12 +178,12 @@ def aligned_buffer(size: int) -> tuple[mmap.mmap, int]:
     return buf, int(local.address)
 
 
-def space_error(path: Path, exc: OSError) -> Retryable | None:
-    """For ``exc`` from writing ``path`` on a full device (or over quota), the `Retryable` that
-    says so, with the hint; None for any other error."""
+def space_error(path: Path, exc: OSError) -> VolumeFull | None:
+    """For ``exc`` from writing ``path`` on a full device (or over quota), the `VolumeFull`
+    that says so, with the hint; None for any other error."""
     if exc.errno not in NO_SPACE:
         return None
-    return Retryable(
+    return VolumeFull(
         f"no space left on device writing {path}: {exc.strerror}",
         hint="free space on the Tier-1 volume or grow it; nothing was written",
     )
@@ -224,7 +224,7 @@ def atomic_write(
     content survives a crash.
 
     Raises:
-        Retryable: the device is full (the temp file is removed).
+        VolumeFull: the device is full (the temp file is removed).
     """
     path = Path(path)
     ensure_dir(path.parent, dir_mode)
@@ -263,7 +263,7 @@ def write_exclusive(
 
     Raises:
         ConflictError: ``path`` exists with different content.
-        Retryable: the device is full (nothing is left behind).
+        VolumeFull: the device is full (nothing is left behind).
     """
     path = Path(path)
     ensure_dir(path.parent, dir_mode)

@@ -12,7 +12,7 @@ from nats.aio.msg import Msg
 
 from klio_common import compression
 from klio_common.crypto import KeyRing
-from klio_common.errors import ConfigError, KlioError, Permanent
+from klio_common.errors import ConfigError, KlioError, Permanent, VolumeFull
 from klio_common.events import BackupDone, Event, WalHistoryArchived, WalSegmentClosed, tag_of
 from klio_common.events.subjects import all_clusters, durable
 from klio_common.runtime.bus import Handler
@@ -34,10 +34,22 @@ MAX_DELIVER = 10_000
 STOP_WAIT = 10.0  # seconds of the shutdown grace given to uploads in flight
 
 
-def handler(relays: Mapping[str, ClusterRelay]) -> Handler:
-    """The handler of every event the relay consumes (the bus settles the message)."""
+def handler(relays: Mapping[str, ClusterRelay], health: Health) -> Handler:
+    """The handler of every event the relay consumes (the bus settles the message).
+
+    A full Tier 1 (no room for the journal or the announcements) makes the relay unready until
+    an event is handled again: it uploads, but can record and announce nothing.
+    """
 
     async def handle(event: Event, msg: Msg) -> None:
+        try:
+            await _handle(event)
+        except VolumeFull as exc:
+            health.set_ready("tier1", False, exc.message)
+            raise
+        health.set_ready("tier1", True, "writable")
+
+    async def _handle(event: Event) -> None:
         relay = relays.get(event.cluster)
         if relay is None:
             raise Permanent(
@@ -176,7 +188,7 @@ async def _work(
     tasks = [asyncio.create_task(reconciler.run(stop), name="reconcile")]
     health.set_ready("consumers", False, "waiting for NATS")
     await _first(keeper.connected, stop)
-    handle = handler(relays)
+    handle = handler(relays, health)
     if not stop.is_set():
         # One segment consumer per upload slot; history files and backups are rare.
         consumers: list[tuple[type[Event], int]] = [
