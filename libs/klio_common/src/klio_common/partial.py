@@ -372,12 +372,18 @@ class PartialWriter:
         self._size += len(view)
 
     def _zero_fill(self, end: int) -> None:
-        """Write zeros from the end of what is allocated to ``end``, and make them durable."""
+        """Write zeros from the end of what is allocated to ``end``, and make them durable.
+
+        Paced (`fsio.PACE`): each piece is written back before the next, so the commits that
+        share the device never wait behind the whole fill at its fsync.
+        """
         start = max(self._allocated, self._size)
-        zeros = bytes(min(end - start, 1 << 20))
+        zeros = memoryview(bytes(min(end - start, fsio.PACE)))
         pos = start
         while pos < end:
-            pos += os.pwrite(self._fd, memoryview(zeros)[: end - pos], pos)
+            written = os.pwrite(self._fd, zeros[: end - pos], pos)
+            fsio.write_back(self._fd, pos, written)
+            pos += written
         os.fsync(self._fd)  # the new size and extents, once, not at every frame's sync
         self._allocated = end
         if self._want_direct:
