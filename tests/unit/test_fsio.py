@@ -232,49 +232,14 @@ def test_a_direct_write_goes_around_the_page_cache(
     used: list[bool] = []
     real = fsio.write_direct
 
-    def spy(fd: int, data: bytes, **options: int) -> bool:
-        used.append(real(fd, data, **options))
+    def spy(fd: int, data: bytes) -> bool:
+        used.append(real(fd, data))
         return used[-1]
 
     monkeypatch.setattr(fsio, "write_direct", spy)
     fsio.write_exclusive(tmp_path / "small", b"x" * 100, direct=True)
     fsio.write_exclusive(tmp_path / "big", b"y" * fsio.DIRECT_MIN, direct=True)
     assert used == [False, True]  # ext4 takes O_DIRECT; a small file is not worth it
-
-
-@pytest.mark.parametrize("paced", [False, True])
-def test_a_paced_direct_write_goes_out_a_piece_at_a_time(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, paced: bool
-) -> None:
-    monkeypatch.setitem(fsio._direct, "ok", True)
-    sizes: list[int] = []
-    real = os.pwrite
-
-    def spy(fd: int, data: bytes, offset: int) -> int:
-        sizes.append(len(data))
-        return real(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", spy)
-    data = os.urandom(5 * fsio.PACE + 100)
-    assert fsio.write_exclusive(tmp_path / "seg", data, direct=True, paced=paced)
-    assert (tmp_path / "seg").read_bytes() == data
-    if paced:  # the last piece is padded to the direct-I/O alignment, then truncated
-        assert sizes == [fsio.PACE] * 5 + [fsio.DIRECT_ALIGN]
-    else:
-        assert sizes == [len(data) - 100 + fsio.DIRECT_ALIGN]
-
-
-def test_write_back_sends_dirty_pages_to_the_device(tmp_path: Path) -> None:
-    path = tmp_path / "f"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        os.pwrite(fd, b"z" * fsio.PACE, 0)
-        fsio.write_back(fd, 0, fsio.PACE)
-        with pytest.raises(OSError):
-            fsio.write_back(fd, -1, 1)  # the kernel's refusal is raised, not ignored
-    finally:
-        os.close(fd)
-    assert path.read_bytes() == b"z" * fsio.PACE
 
 
 def test_a_filesystem_refusing_direct_writes_gets_buffered_ones(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import itertools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from klio_common import compression, fsio, partial
+from klio_common import compression, partial
 from klio_common.crypto import KeyRing
 from klio_common.partial import PartialWriter, read_partial
 from tests.unit.test_objects import ring
@@ -137,27 +136,3 @@ def test_a_prepared_partials_first_append_sync_is_one_direct_write_then_the_rena
     _, plain, valid_end = read_partial(path, keys, source="p")
     assert valid_end == len(data) and bytes(plain[:valid_end]) == data
     assert not list(tmp_path.glob("*.tmp*"))
-
-
-def test_the_zero_fill_goes_to_the_device_a_piece_at_a_time(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A synchronous standby's commits share the device: the zeros are written back piece by
-    piece as they are written, not all at once at the fsync that ends the fill."""
-    ranges: list[tuple[int, int]] = []
-    real = fsio.write_back
-
-    def spy(fd: int, offset: int, length: int) -> None:
-        ranges.append((offset, length))
-        real(fd, offset, length)
-
-    monkeypatch.setattr(fsio, "write_back", spy)
-    path = tmp_path / "seg.partial"
-    ahead = 3 * fsio.PACE + 5000
-    w = writer(path, KeyRing.load(None, {}), ahead=ahead)
-    w.close()
-    assert ranges and all(length <= fsio.PACE for _, length in ranges)
-    assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(ranges))
-    start, end = ranges[0][0], ranges[-1][0] + ranges[-1][1]
-    assert end - start == ahead and path.stat().st_size >= end
-    assert path.read_bytes()[start:end] == bytes(ahead)

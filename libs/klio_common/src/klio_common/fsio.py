@@ -21,7 +21,6 @@ import stat
 import threading
 from collections.abc import Callable
 from contextlib import suppress
-from functools import cache
 from pathlib import Path
 
 from klio_common.errors import ConflictError, VolumeFull
@@ -35,10 +34,6 @@ DIRECT_ALIGN = 4096
 DIRECT_MIN = 256 * 1024
 """Smaller files are written through the page cache (one device round trip is not worth it)."""
 _DIRECT_BUFFER = 4 << 20
-PACE = 256 * 1024
-"""Bytes per write of a paced write: each reaches the device before the next is issued, so a
-synchronous standby's commits, which share the device, never queue behind megabytes of it."""
-_SYNC_FILE_RANGE = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER: write back now, and wait
 _direct = {"ok": _O_DIRECT != 0}  # turned off at the first refusal
 _buffers = threading.local()
 
@@ -53,34 +48,18 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(".") and ".tmp-" in name
 
 
-@cache
-def _libc() -> ctypes.CDLL:
-    # The process's own symbols include libc's (``find_library`` would run ldconfig: 20 ms).
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return libc
-
-
-def write_back(fd: int, offset: int, length: int) -> None:
-    """Write a range of ``fd``'s dirty pages to the device now and wait (``sync_file_range``).
-
-    For paced writes (`PACE`): the data goes out a piece at a time instead of all at once at
-    the next fsync. Not a durability barrier (no cache flush, no metadata): the fsync follows.
-    """
-    if _libc().sync_file_range(fd, offset, length, _SYNC_FILE_RANGE) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
 def syncfs(path: Path) -> None:
     """Flush the whole filesystem holding ``path``: one call instead of an fsync per file.
 
     Raises:
         OSError: the flush failed (an I/O error), naming ``path``.
     """
+
+    # The process's own symbols include libc's (``find_library`` would run ldconfig: 20 ms).
+    libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if _libc().syncfs(fd) != 0:  # pragma: no cover - only on I/O errors
+        if libc.syncfs(fd) != 0:  # pragma: no cover - only on I/O errors
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err), str(path))
     finally:
@@ -131,14 +110,9 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
 
 
 def write_direct(
-    fd: int,
-    data: bytes | bytearray | memoryview,
-    *,
-    minimum: int = DIRECT_MIN,
-    piece: int = _DIRECT_BUFFER,
+    fd: int, data: bytes | bytearray | memoryview, *, minimum: int = DIRECT_MIN
 ) -> bool:
-    """Write ``data`` at the start of the empty file ``fd`` around the page cache, ``piece``
-    bytes per write (a multiple of `DIRECT_ALIGN`, at most 4 MiB; `PACE` for a paced write).
+    """Write ``data`` at the start of the empty file ``fd`` around the page cache.
 
     Returns:
         False, having written nothing, when ``O_DIRECT`` is unavailable or refused, or when
@@ -155,11 +129,11 @@ def write_direct(
         return False
     buf = aligned_buffer(_DIRECT_BUFFER)[0]
     try:
-        for offset in range(0, len(view), piece):
-            part = view[offset : offset + piece]
-            buf[: len(part)] = part
-            padded = -(-len(part) // DIRECT_ALIGN) * DIRECT_ALIGN
-            buf[len(part) : padded] = bytes(padded - len(part))
+        for offset in range(0, len(view), _DIRECT_BUFFER):
+            piece = view[offset : offset + _DIRECT_BUFFER]
+            buf[: len(piece)] = piece
+            padded = -(-len(piece) // DIRECT_ALIGN) * DIRECT_ALIGN
+            buf[len(piece) : padded] = bytes(padded - len(piece))
             with memoryview(buf) as whole:
                 _pwrite_all(fd, whole[:padded], offset)
         os.ftruncate(fd, len(view))
@@ -216,11 +190,7 @@ def space_error(path: Path, exc: OSError) -> VolumeFull | None:
 
 
 def _write_temp(
-    path: Path,
-    data: bytes | bytearray | memoryview,
-    file_mode: int,
-    direct: bool = False,
-    paced: bool = False,
+    path: Path, data: bytes | bytearray | memoryview, file_mode: int, direct: bool = False
 ) -> Path:
     """Write ``data`` to a new fsynced temp file beside ``path``; return its path."""
     tmp = temp_path(path)
@@ -228,8 +198,7 @@ def _write_temp(
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, file_mode)
         try:
             os.fchmod(fd, file_mode)
-            piece = PACE if paced else _DIRECT_BUFFER
-            if not (direct and write_direct(fd, data, piece=piece)):
+            if not (direct and write_direct(fd, data)):
                 _write_all(fd, data)
             os.fsync(fd)
         finally:
@@ -276,7 +245,6 @@ def write_exclusive(
     dir_mode: int = 0o750,
     same: Callable[[Path], bool] | None = None,
     direct: bool = False,
-    paced: bool = False,
 ) -> bool:
     """Create ``path`` atomically and durably unless it exists; never overwrite.
 
@@ -289,7 +257,6 @@ def write_exclusive(
             example by comparing plaintext checksums of objects whose bytes differ
             because of random keys); default: compare bytes.
         direct: write around the page cache where the filesystem allows (large files only).
-        paced: with ``direct``, write `PACE` bytes at a time (a synchronous standby's device).
 
     Returns:
         True if the file was created, False if it already held the same content.
@@ -302,7 +269,7 @@ def write_exclusive(
     ensure_dir(path.parent, dir_mode)
     if path.exists():
         return _settle_existing(path, data, same)
-    tmp = _write_temp(path, data, file_mode, direct, paced)
+    tmp = _write_temp(path, data, file_mode, direct)
     try:
         # link() fails if the name exists, which makes "create unless present" atomic.
         os.link(tmp, path)

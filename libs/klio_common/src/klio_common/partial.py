@@ -372,18 +372,12 @@ class PartialWriter:
         self._size += len(view)
 
     def _zero_fill(self, end: int) -> None:
-        """Write zeros from the end of what is allocated to ``end``, and make them durable.
-
-        Paced (`fsio.PACE`): each piece is written back before the next, so the commits that
-        share the device never wait behind the whole fill at its fsync.
-        """
+        """Write zeros from the end of what is allocated to ``end``, and make them durable."""
         start = max(self._allocated, self._size)
-        zeros = memoryview(bytes(min(end - start, fsio.PACE)))
+        zeros = bytes(min(end - start, 1 << 20))
         pos = start
         while pos < end:
-            written = os.pwrite(self._fd, zeros[: end - pos], pos)
-            fsio.write_back(self._fd, pos, written)
-            pos += written
+            pos += os.pwrite(self._fd, memoryview(zeros)[: end - pos], pos)
         os.fsync(self._fd)  # the new size and extents, once, not at every frame's sync
         self._allocated = end
         if self._want_direct:

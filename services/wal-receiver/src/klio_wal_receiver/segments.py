@@ -249,12 +249,7 @@ class SegmentWriter:
         name = f"{seg.name}.partial" if partial else seg.name
         extra = {"end_lsn": str(Lsn(end))} if partial else None
         stored = self.archive.store_segment(
-            name,
-            memoryview(buf),
-            codec=self.codec,
-            keyring=self.keyring,
-            extra=extra,
-            paced=self.synchronous,  # the commits waiting on this standby share its device
+            name, memoryview(buf), codec=self.codec, keyring=self.keyring, extra=extra
         )
         part.close()
         path = part.path

@@ -182,7 +182,6 @@ class WalArchive:
         codec: Codec,
         keyring: KeyRing,
         extra: dict[str, str] | None = None,
-        paced: bool = False,
     ) -> StoredObject:
         if path.exists():
             header = self.header(path)
@@ -200,12 +199,7 @@ class WalArchive:
         )
         # A segment is read again only by the relay and by restores: not worth the page cache.
         fsio.write_exclusive(
-            path,
-            data,
-            file_mode=self.file_mode,
-            dir_mode=self.dir_mode,
-            direct=kind != "history",
-            paced=paced,
+            path, data, file_mode=self.file_mode, dir_mode=self.dir_mode, direct=kind != "history"
         )
         return StoredObject(read_header(data), path, len(data), created=True)
 
@@ -217,12 +211,8 @@ class WalArchive:
         codec: Codec,
         keyring: KeyRing,
         extra: dict[str, str] | None = None,
-        paced: bool = False,
     ) -> StoredObject:
         """Store a complete segment, or a closed ``<name>.partial``; idempotent.
-
-        ``paced`` writes it a piece at a time (`fsio.PACE`): a synchronous standby's commits
-        share the device.
 
         Raises:
             ConflictError: the name exists with different content (never overwritten).
@@ -236,7 +226,6 @@ class WalArchive:
             codec=codec,
             keyring=keyring,
             extra=extra,
-            paced=paced,
         )
 
     def store_history(
