@@ -7,6 +7,7 @@ import hashlib
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -161,8 +162,13 @@ def make_backup(
     *,
     cluster: str = "main",
     started: datetime | None = None,
+    before_commit: Callable[[BackupManifest], None] | None = None,
 ) -> BackupManifest:
-    """Commit a backup of ``files`` (chunked, deduplicated) whose WAL range is already archived."""
+    """Commit a backup of ``files`` (chunked, deduplicated) whose WAL range is already archived.
+
+    ``before_commit`` sees the manifest while its chunks are on Tier 1 and the catalog does not
+    list it yet: a relay's reconciliation pass cannot pick the backup up before that returns.
+    """
     keyring = keyring_of(settings)
     codec = compression.get(settings.compression.algorithm, settings.compression.level)
     root = cluster_dir(settings, cluster)
@@ -214,6 +220,8 @@ def make_backup(
         wal_end_segment=wal_end,
         files=entries,
     )
+    if before_commit is not None:
+        before_commit(manifest)
     catalog.commit(manifest)
     return manifest
 

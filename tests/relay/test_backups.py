@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from klio_common.catalog.backups import BackupManifest
 from klio_common.storage.layout import DEDUP_KEY, IDENTITY, chunk_path, manifest_path, wal_path
 from klio_dev.waiting import wait_until
 from tests.fixtures.paths import BUCKET, KlioConfigWriter
@@ -141,12 +142,18 @@ def test_a_backup_with_a_corrupt_chunk_never_lists_in_the_bucket(
     with receiver_inprocess(settings), relay_inprocess(settings):
         first, last = _some_wal(pg, settings, switches=1)
         files = {"base/5/1": secrets.token_bytes(4 * CHUNK)}
-        backup = make_backup(settings, "20260103T000000Z", files, first, last)
-        bad = chunk_path(backup.files[0].chunks[2])
-        target = cluster_dir(settings) / bad
-        data = bytearray(target.read_bytes())
-        data[-5] ^= 0xFF  # inside the last frame's ciphertext
-        target.write_bytes(bytes(data))
+        bad = ""
+
+        def damage(manifest: BackupManifest) -> None:
+            # Before the commit: a reconciliation pass must not relay the chunk still intact.
+            nonlocal bad
+            bad = chunk_path(manifest.files[0].chunks[2])
+            target = cluster_dir(settings) / bad
+            data = bytearray(target.read_bytes())
+            data[-5] ^= 0xFF  # inside the last frame's ciphertext
+            target.write_bytes(bytes(data))
+
+        backup = make_backup(settings, "20260103T000000Z", files, first, last, before_commit=damage)
         announce_backup(nats_server.url, backup)
         wait_until(
             lambda: any(
