@@ -1,4 +1,4 @@
-"""The WAL archive under load: byte-identical segments, PITR from it, kill -9 and resume."""
+"""The WAL archive under load: identical segments, PITR from it, kill -9, resume, leftovers."""
 
 from __future__ import annotations
 
@@ -217,5 +217,36 @@ def test_kill_9_resumes_without_gap_or_rewrite(
         reference = workdir / "ref" / s.name
         if reference.exists():
             assert archive.read(s.name, keyring) == reference.read_bytes(), s.name
+    verify = wal_verify(config)
+    assert verify.returncode == 0, verify.stdout.decode() + verify.stderr.decode()
+
+
+def test_a_partial_left_beside_its_closed_segment_is_removed_on_start(
+    pg: Any, nats_server: Any, tier1_dir: Path, keyring_files: dict[str, Path], workdir: Path
+) -> None:
+    # A crash after a segment's object is durable and before its .partial is removed leaves
+    # both: the object is the truth, the .partial goes on the next start (and is never read).
+    config = write_config(
+        workdir / "k.yaml", pg=pg, nats_url=nats_server.url, tier1=tier1_dir, keys=keyring_files
+    )
+    settings = load(config)
+    with receiver_inprocess(settings):
+        end = pg.current_lsn()
+        pg.switch_wal()
+        wait_closed(settings, end)
+    archive = archive_of(settings)
+    closed = archive.list_segments()[-1]
+    digest = archive.header(archive.segment_path(closed.name)).plaintext_sha256
+    leftover = archive.open_dir / f"{closed.name}.partial"
+    leftover.parent.mkdir(exist_ok=True)
+    leftover.write_bytes(b"whatever a crash left: it must not be read")
+    with receiver_inprocess(settings):
+        end = pg.current_lsn()
+        pg.switch_wal()
+        wait_closed(settings, end)
+    assert not leftover.exists()
+    assert archive.header(archive.segment_path(closed.name)).plaintext_sha256 == digest
+    numbers = [s.segno for s in archive.list_segments()]
+    assert numbers == list(range(numbers[0], numbers[-1] + 1)), "gap in the archive"
     verify = wal_verify(config)
     assert verify.returncode == 0, verify.stdout.decode() + verify.stderr.decode()
