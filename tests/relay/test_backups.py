@@ -142,18 +142,16 @@ def test_a_backup_with_a_corrupt_chunk_never_lists_in_the_bucket(
     with receiver_inprocess(settings), relay_inprocess(settings):
         first, last = _some_wal(pg, settings, switches=1)
         files = {"base/5/1": secrets.token_bytes(4 * CHUNK)}
-        bad = ""
 
         def damage(manifest: BackupManifest) -> None:
             # Before the commit: a reconciliation pass must not relay the chunk still intact.
-            nonlocal bad
-            bad = chunk_path(manifest.files[0].chunks[2])
-            target = cluster_dir(settings) / bad
+            target = cluster_dir(settings) / chunk_path(manifest.files[0].chunks[2])
             data = bytearray(target.read_bytes())
             data[-5] ^= 0xFF  # inside the last frame's ciphertext
             target.write_bytes(bytes(data))
 
         backup = make_backup(settings, "20260103T000000Z", files, first, last, before_commit=damage)
+        bad = chunk_path(backup.files[0].chunks[2])
         announce_backup(nats_server.url, backup)
         wait_until(
             lambda: any(
