@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import socket
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def test_a_port_in_use_is_passed_over(monkeypatch: pytest.MonkeyPatch) -> None:
     assert below is not None
     port = free_port()
     with socket.create_server(("127.0.0.1", port)):
-        monkeypatch.setattr(ports, "_turn", [below.index(port)])
+        monkeypatch.setattr(ports, "_turn", itertools.count(below.index(port)))
         other = free_port()
     assert other != port and other in below
 

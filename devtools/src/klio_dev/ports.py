@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import socket
-import threading
 from pathlib import Path
 
 # The kernel takes the local port of every outgoing connection from this range: a port handed out
@@ -14,8 +14,8 @@ EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _SPAN = 16384  # ports below the ephemeral range handed out in turn (a test run uses thousands)
 _LOWEST = 10000
 
-_lock = threading.Lock()
-_turn: list[int] = []  # the next index into the ports below the ephemeral range, once drawn
+# Indexes into the ports below the ephemeral range, from a random start (`next` is atomic).
+_turn = itertools.count(random.randrange(_SPAN))
 
 
 def free_port() -> int:
@@ -32,14 +32,10 @@ def free_port() -> int:
     """
     ports = _below_ephemeral()
     if ports is not None:
-        with _lock:
-            if not _turn:
-                _turn.append(random.randrange(len(ports)))
-            for _ in range(len(ports)):
-                port = ports[_turn[0] % len(ports)]
-                _turn[0] += 1
-                if _bindable(port):
-                    return port
+        for _ in range(len(ports)):
+            port = ports[next(_turn) % len(ports)]
+            if _bindable(port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         picked: int = sock.getsockname()[1]
