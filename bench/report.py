@@ -14,7 +14,8 @@ __all__ = ["MB", "mean", "median", "ratio"]  # the arithmetic lives in bench.sta
 INGEST_BASELINE = "pg_receivewal"
 INGEST_VARIANTS = ("klio_zstd_aes", "klio_none")
 SYNC_BASELINE = "pg_receivewal"
-SYNC_VARIANTS = ("klio", "klio_plain")
+SYNC_CONTROL = "pg_receivewal_control"  # the baseline against itself: the resolution
+SYNC_VARIANTS = ("klio", "klio_plain", SYNC_CONTROL)
 RESTORE_BASELINE = "cp"
 RESTORE_METHODS = (
     "klio_process",
@@ -32,6 +33,7 @@ LABELS = {
     "klio_none": "Klio, no compression, no encryption",
     "klio": f"Klio (`synchronous: true`, zstd-{_WAL_LEVEL} + AES-256-GCM)",
     "klio_plain": f"Klio, no encryption (`synchronous: true`, zstd-{_WAL_LEVEL})",
+    SYNC_CONTROL: "pg_receivewal again (control: the baseline against itself)",
     "cp": "`cp` of a plain segment (process)",
     "klio_process": "`klio wal-restore` (process)",
     "python_startup": "`python -c pass` (interpreter start-up alone)",

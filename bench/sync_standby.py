@@ -10,9 +10,17 @@ from typing import Any
 from bench.lab import CLUSTER, Child, Lab, drop_tree, klio_receiver, process_cpu, say
 from klio_dev import wait_until
 
-# klio_plain: the same receiver without encryption (a supported setup: encryption is optional)
-STANDBYS = ("pg_receivewal", "klio", "klio_plain")
-APPLICATION_NAMES = {"pg_receivewal": "pgrw", "klio": "klio", "klio_plain": "klio_plain"}
+# klio_plain: the same receiver without encryption (a supported setup: encryption is optional).
+# pg_receivewal_control: a second pg_receivewal, measured like the others: the baseline against
+# itself, the spread this machine gives two identical standbys (the benchmark's resolution).
+STANDBYS = ("pg_receivewal", "klio", "klio_plain", "pg_receivewal_control")
+PG_RECEIVEWAL = ("pg_receivewal", "pg_receivewal_control")
+APPLICATION_NAMES = {
+    "pg_receivewal": "pgrw",
+    "klio": "klio",
+    "klio_plain": "klio_plain",
+    "pg_receivewal_control": "pgrw_control",
+}
 TIMEOUT = 300.0
 
 
@@ -37,12 +45,12 @@ def run(lab: Lab, *, runs: int, seconds: int, scale: int) -> dict[str, Any]:
                 child = _start(lab, standby, out, slot)
                 try:
                     sample = _measure(lab, child, APPLICATION_NAMES[standby], seconds)
-                    if standby != "pg_receivewal":
+                    if standby not in PG_RECEIVEWAL:
                         turns.append(_turn(out))
                 finally:
                     # Never stop the only synchronous standby while it is required (pitfall P9).
                     _desynchronize(lab)
-                    child.stop(signal.SIGINT if standby == "pg_receivewal" else signal.SIGTERM)
+                    child.stop(signal.SIGINT if standby in PG_RECEIVEWAL else signal.SIGTERM)
             finally:
                 lab.drop_slots([slot])
             samples[standby].append(sample)
@@ -64,7 +72,7 @@ def _turn(out: Path) -> str:
 
 def _start(lab: Lab, standby: str, out: Path, slot: str) -> Child:
     log = out.parent / f"{out.name}.log"
-    if standby != "pg_receivewal":
+    if standby not in PG_RECEIVEWAL:
         config = lab.klio_config(
             out,
             slot=slot,
@@ -78,7 +86,7 @@ def _start(lab: Lab, standby: str, out: Path, slot: str) -> Child:
     argv = lab.pg_receivewal(
         "--synchronous",
         "-d",
-        lab.replication_conninfo(APPLICATION_NAMES["pg_receivewal"]),
+        lab.replication_conninfo(APPLICATION_NAMES[standby]),
         "-S",
         slot,
         "-D",

@@ -40,8 +40,8 @@ def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
     ]
     assert report.missing_figures(doc["summary"]) == []
     ratios = {k: v for k, v in report.figures(doc["summary"]).items() if ".ratio" in k}
-    # ingest: 2; sync: one per Klio standby; backup: time, time without the WAL wait,
-    # second-backup bytes, restore time; replay: 1
+    # ingest: 2; sync: one per variant (two Klio standbys, the control); backup: time, time
+    # without the WAL wait, second-backup bytes, restore time; replay: 1
     sync = len(report.SYNC_VARIANTS)
     assert len(ratios) == 2 + sync + 2 * len(report.RESTORE_METHODS) + 4 + 1
     assert all(v > 0 for v in ratios.values()), ratios

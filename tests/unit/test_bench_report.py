@@ -52,6 +52,11 @@ def _sync() -> dict[str, Any]:
                 {"tps": 1500.0, "cpu_seconds": 5.0, "seconds": 30.0},
                 {"tps": 900.0, "cpu_seconds": 5.0, "seconds": 30.0},
             ],
+            "pg_receivewal_control": [
+                {"tps": 950.0, "cpu_seconds": 3.0, "seconds": 30.0},
+                {"tps": 1500.0, "cpu_seconds": 3.0, "seconds": 30.0},
+                {"tps": 990.0, "cpu_seconds": 3.0, "seconds": 30.0},
+            ],
         },
     }
 
@@ -97,7 +102,11 @@ def test_ingest_median_throughput_and_ratio() -> None:
 def test_sync_median_tps_and_ratio() -> None:
     summary = report.summarize_sync(_sync())
     assert summary["klio"]["median_tps"] == 1200.0
-    assert summary["ratio"] == {"klio": pytest.approx(1.2), "klio_plain": pytest.approx(1.1)}
+    assert summary["ratio"] == {
+        "klio": pytest.approx(1.2),
+        "klio_plain": pytest.approx(1.1),
+        "pg_receivewal_control": pytest.approx(0.99),
+    }
     assert summary["pg_receivewal"]["cpu_pct"] == pytest.approx(10.0)
     # the machine drifted (900 to 1500 TPS): each pair of adjacent runs compares like with like
     assert summary["pairs"]["klio"] == [pytest.approx(1.2), pytest.approx(1.2), pytest.approx(0.5)]
@@ -107,6 +116,11 @@ def test_sync_median_tps_and_ratio() -> None:
     assert summary["median_pair"]["klio_plain"] == pytest.approx(1.0)
     plain = "Klio, no encryption, pair by pair (adjacent runs): 1.10, 1.00, 1.00; median pair 1.00×"
     assert plain + "." in lines
+    # the baseline against itself: the spread two identical standbys give on this machine
+    control = "pg_receivewal again, pair by pair (adjacent runs): 0.95, 1.00, 1.10"
+    control += "; median pair 1.00×"
+    assert control + "." in lines
+    assert "pg_receivewal again (control: the baseline against itself)" in "\n".join(lines)
 
 
 def test_restore_costs_and_ratios_to_cp() -> None:
@@ -140,6 +154,7 @@ def test_required_figures_follow_the_benchmarks_run() -> None:
     only = report.required_figures(["sync_standby"])
     assert "sync_standby.ratio.klio" in only
     assert "sync_standby.median_pair.klio_plain" in only
+    assert "sync_standby.median_pair.pg_receivewal_control" in only
     assert not [f for f in only if not f.startswith("sync_standby.")]
 
 
