@@ -22,10 +22,10 @@ from klio_dev import wait_until
 from klio_restore import prefetch, spool
 from tests.fixtures.paths import KlioConfigWriter, Volume
 from tests.wal_receiver.helpers import (
+    close_segment,
     load,
     receiver_inprocess,
     restored_server,
-    wait_closed,
     write_config,
 )
 from tests.wal_receiver.helpers import postgres_dir as owned_dir
@@ -136,9 +136,7 @@ def test_recovery_with_prefetch_reaches_the_same_data_through_the_spool(
         pg.execute("INSERT INTO marker SELECT g, 'row ' || g FROM generate_series(1, 500) g")
         query = "SELECT count(*), sum(abalance) FROM pgbench_accounts"
         expected = pg.sql(query)[0]
-        end = pg.current_lsn()
-        pg.switch_wal()
-        wait_closed(settings, end)
+        close_segment(pg, settings)
     copy = workdir / "backup-copy"
     subprocess.run(["cp", "-a", str(backup), str(copy)], check=True)
     command = f"{KLIO} --config {config} wal-restore"

@@ -25,7 +25,7 @@ from tests.relay.helpers import (
     stream_events,
     wait_in_bucket,
 )
-from tests.wal_receiver.helpers import archive_of, receiver_inprocess, wait_closed
+from tests.wal_receiver.helpers import archive_of, close_segment, receiver_inprocess
 
 pytestmark = pytest.mark.integration
 BACKUP_RELAYED = "klio.main.tier2.backup.relayed"
@@ -36,9 +36,7 @@ def _some_wal(pg: Any, settings: Any, switches: int = 3) -> tuple[str, str]:
     pg.execute("CREATE TABLE IF NOT EXISTS t (x int)")
     for _ in range(switches):
         pg.execute("INSERT INTO t SELECT generate_series(1, 1000)")
-        end = pg.current_lsn()
-        pg.switch_wal()
-        wait_closed(settings, end)
+        close_segment(pg, settings)
     segments = archive_of(settings).list_segments()
     return segments[0].name, segments[-1].name
 

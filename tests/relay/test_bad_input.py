@@ -25,7 +25,7 @@ from tests.relay.helpers import (
     stream_events,
     wait_in_bucket,
 )
-from tests.wal_receiver.helpers import archive_of, receiver_inprocess, wait_closed
+from tests.wal_receiver.helpers import archive_of, close_segment, receiver_inprocess
 
 pytestmark = pytest.mark.integration
 NO_PG = {"clusters": [{"name": "main", "conninfo": "host=/nonexistent"}]}
@@ -95,9 +95,7 @@ def _archive_some(pg: Any, settings: Any) -> list[str]:
         pg.execute("CREATE TABLE t (x int)")
         for _ in range(4):
             pg.execute("INSERT INTO t SELECT generate_series(1, 1000)")
-            end = pg.current_lsn()
-            pg.switch_wal()
-            wait_closed(settings, end)
+            close_segment(pg, settings)
     return [s.name for s in archive_of(settings).list_segments()]
 
 

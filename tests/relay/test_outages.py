@@ -36,7 +36,7 @@ from tests.relay.helpers import (
     wait_in_bucket,
     wal_paths,
 )
-from tests.wal_receiver.helpers import archive_of, receiver_inprocess, wait_closed
+from tests.wal_receiver.helpers import archive_of, close_segment, receiver_inprocess
 
 pytestmark = pytest.mark.integration
 
@@ -64,9 +64,7 @@ def load_running(pg: Any, seconds: float) -> Iterator[None]:
 
 
 def _close_all(pg: Any, settings: Any) -> set[str]:
-    end = pg.current_lsn()
-    pg.switch_wal()
-    wait_closed(settings, end)
+    close_segment(pg, settings)
     return wal_paths(settings)
 
 

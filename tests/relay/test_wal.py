@@ -24,7 +24,7 @@ from tests.relay.helpers import (
     wait_in_bucket,
     wal_paths,
 )
-from tests.wal_receiver.helpers import receiver_inprocess, wait_closed
+from tests.wal_receiver.helpers import close_segment, receiver_inprocess
 
 pytestmark = pytest.mark.integration
 RELAYED = "klio.main.tier2.wal.relayed"
@@ -62,9 +62,7 @@ def test_every_closed_segment_reaches_the_bucket(
         )
         pg.pgbench_init(scale=5)
         pg.pgbench(clients=4, transactions=400)
-        end = pg.current_lsn()
-        pg.switch_wal()
-        wait_closed(settings, end)
+        close_segment(pg, settings)
         paths = wal_paths(settings)
         assert len(paths) >= 4, paths
         wait_in_bucket(s3_server, {f"{prefix}main/{p}" for p in paths})

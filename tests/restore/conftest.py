@@ -13,7 +13,12 @@ from klio_common.runtime.settings import Settings
 from klio_dev import PostgresServer
 from tests.fixtures.paths import KlioConfigWriter
 from tests.restore.helpers import store_backup
-from tests.wal_receiver.helpers import load, postgres_dir, receiver_inprocess, wait_closed
+from tests.wal_receiver.helpers import (
+    close_segment,
+    load,
+    postgres_dir,
+    receiver_inprocess,
+)
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,5 @@ def backed_up(
     with receiver_inprocess(settings):
         backup = store_backup(pg, settings, workdir)
         pg.execute("INSERT INTO t VALUES (0, 'after the backup')")
-        end = pg.current_lsn()
-        pg.switch_wal()
-        wait_closed(settings, end)
+        close_segment(pg, settings)
     return Backed(pg, config, settings, backup, postgres_dir(workdir / "area"))

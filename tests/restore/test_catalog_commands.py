@@ -10,7 +10,7 @@ import msgspec
 
 from tests.restore.conftest import Backed
 from tests.restore.helpers import catalog_parts, klio, output_of, store_backup
-from tests.wal_receiver.helpers import receiver_inprocess, wait_closed
+from tests.wal_receiver.helpers import close_segment, receiver_inprocess
 
 LIST_KEYS = {"id", "status", "timeline", "start_lsn", "end_lsn", "start_time", "end_time"}
 
@@ -57,9 +57,7 @@ def test_verify_checks_crc32c_manifests_and_the_wal_range(backed_up: Backed) -> 
     b = backed_up
     with receiver_inprocess(b.settings):
         crc = store_backup(b.pg, b.settings, b.area.parent, checksums="CRC32C")
-        end = b.pg.current_lsn()
-        b.pg.switch_wal()
-        wait_closed(b.settings, end)
+        close_segment(b.pg, b.settings)
     for backup_id in (b.backup.id, crc.id):
         done = klio(b.config, "verify", "--backup", backup_id, "--json")
         assert done.returncode == 0, output_of(done)

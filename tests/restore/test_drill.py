@@ -14,7 +14,7 @@ from klio_dev.postgres import run_as_postgres
 from klio_dev.waiting import wait_until
 from tests.basebackup.helpers import basebackup_inprocess
 from tests.restore.helpers import Restored, backup_now, klio, restore_server, wait_ready
-from tests.wal_receiver.helpers import load, receiver_inprocess, wait_closed
+from tests.wal_receiver.helpers import close_segment, load, receiver_inprocess
 
 
 @dataclass(frozen=True)
@@ -117,9 +117,7 @@ def test_restore_drill(
         pg.execute("SELECT pg_create_restore_point('klio_drill')")
         for row in (15, 16):
             marks[row] = mark(pg, row)
-        end = pg.current_lsn()
-        pg.switch_wal()
-        wait_closed(settings, end)
+        close_segment(pg, settings)
 
     cases = [
         Case(

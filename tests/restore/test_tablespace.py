@@ -11,7 +11,12 @@ from klio_dev.waiting import wait_until
 from tests.basebackup.helpers import basebackup_inprocess, make_tablespace
 from tests.fixtures.paths import KlioConfigWriter
 from tests.restore.helpers import backup_now, klio, output_of, restore_server, wait_ready
-from tests.wal_receiver.helpers import load, postgres_dir, receiver_inprocess, wait_closed
+from tests.wal_receiver.helpers import (
+    close_segment,
+    load,
+    postgres_dir,
+    receiver_inprocess,
+)
 
 
 def test_tablespace_is_restored_to_a_new_location(
@@ -30,9 +35,7 @@ def test_tablespace_is_restored_to_a_new_location(
         wait_ready(settings, "basebackup")
         backup = backup_now(config, settings)
         pg.execute("INSERT INTO in_ts VALUES (0, 'after the backup')")
-        end = pg.current_lsn()
-        pg.switch_wal()
-        wait_closed(settings, end)
+        close_segment(pg, settings)
     assert [t.location for t in backup.tablespaces] == [str(original)]
     expected = pg.sql("SELECT count(*), sum(id) FROM in_ts")[0]
     before = sorted(str(p.relative_to(original)) for p in original.rglob("*"))

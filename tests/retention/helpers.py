@@ -28,10 +28,10 @@ from tests.fixtures.paths import KlioConfigWriter
 from tests.restore.helpers import backup_now, klio, output_of, wait_ready
 from tests.wal_receiver.helpers import (
     VENV_BIN,
+    close_segment,
     keyring_of,
     load,
     receiver_inprocess,
-    wait_closed,
 )
 
 BUCKET = "klio-test"
@@ -198,7 +198,5 @@ def three_backups(pg: PostgresServer, config: Path, settings: Settings) -> list[
         for round_ in range(3):
             pg.execute("UPDATE t SET v = md5(v || %s)", (str(round_),))
             ids.append(backup_now(config, settings).id)
-        end = pg.current_lsn()
-        pg.switch_wal()
-        wait_closed(settings, end)
+        close_segment(pg, settings)
     return ids

@@ -14,7 +14,7 @@ from tests.basebackup.helpers import basebackup_inprocess, catalog_of, store_of
 from tests.fixtures.paths import KlioConfigWriter
 from tests.restore.helpers import backup_now, klio, output_of, restore_server, wait_ready
 from tests.retention.helpers import keep_one_backup, retention
-from tests.wal_receiver.helpers import receiver_inprocess, wait_closed
+from tests.wal_receiver.helpers import close_segment, receiver_inprocess
 
 pytestmark = pytest.mark.integration
 
@@ -60,9 +60,7 @@ def test_a_running_backup_survives_retention_and_restores(
         with receiver_inprocess(settings):
             wait_until(lambda: running in catalog_of(settings).ids(), 120, f"{running} committed")
             expected = pg.sql("SELECT count(*), md5(string_agg(v, ',' ORDER BY id)) FROM t")[0]
-            end = pg.current_lsn()
-            pg.switch_wal()
-            wait_closed(settings, end)
+            close_segment(pg, settings)
 
     [applied] = retention(config, "apply", "--tier", "1")
     assert applied["expired"] == [second]

@@ -20,7 +20,13 @@ from tests.relay.helpers import relay_inprocess
 from tests.restore.helpers import backup_now, klio, output_of, restore_server, wait_ready
 from tests.retention.helpers import backdate, bucket_sizes, retention, tier1_bytes
 from tests.tier2.helpers import dr_config
-from tests.wal_receiver.helpers import archive_of, load, receiver_inprocess, wait_closed
+from tests.wal_receiver.helpers import (
+    archive_of,
+    close_segment,
+    load,
+    receiver_inprocess,
+    wait_closed,
+)
 
 pytestmark = pytest.mark.integration
 POLICIES = {"tier1": "RECOVERY WINDOW OF 2 DAYS", "tier2": "REDUNDANCY 4"}
@@ -97,9 +103,7 @@ def test_each_tier_expires_its_own_and_still_restores_across_the_failover(
             ids.append(backup_now(config2, settings2).id)
         target = _marker(standby, 6, 2)
         _marker(standby, 7, 2)
-        end = standby.current_lsn()
-        standby.switch_wal()
-        wait_closed(settings2, end)
+        close_segment(standby, settings2)
     assert [m.timeline for m in catalog_of(settings2).manifests()] == [1, 1, 1, 2, 2]
 
     # Ages are constructed: 4.5, 3.5, 2.5, 1.5 and 0.5 days.

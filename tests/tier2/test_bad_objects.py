@@ -17,11 +17,11 @@ from tests.restore.helpers import flip_byte, klio, output_of, store_backup
 from tests.tier2.helpers import dr_config, flipped, overwrite, wait_relayed
 from tests.wal_receiver.helpers import (
     archive_of,
+    close_segment,
     keyring_of,
     load,
     postgres_dir,
     receiver_inprocess,
-    wait_closed,
     wal_restore,
 )
 
@@ -44,9 +44,7 @@ def test_bad_objects_are_named_and_wal_restore_falls_back(
         backup = store_backup(pg, settings, workdir)
         announce_backup(nats_server.url, backup)
         pg.execute("INSERT INTO t VALUES (0)")
-        end = pg.current_lsn()
-        pg.switch_wal()
-        wait_closed(settings, end)
+        close_segment(pg, settings)
         archive = archive_of(settings)
         segments = archive.list_segments()
         wait_relayed(nats_server.url, backup.id, segments[-1].name)
@@ -94,9 +92,7 @@ def test_a_wrong_chunk_in_the_bucket_is_named_by_verify_and_restore(
     with receiver_inprocess(settings), relay_inprocess(settings):
         backup = store_backup(pg, settings, workdir)
         announce_backup(nats_server.url, backup)
-        end = pg.current_lsn()
-        pg.switch_wal()
-        wait_closed(settings, end)
+        close_segment(pg, settings)
         wait_relayed(nats_server.url, backup.id, archive_of(settings).list_segments()[-1].name)
     dr = dr_config(klio_config, workdir, pg, s3_server, keyring_files)
     assert klio(dr, "verify", "--tier", "2").returncode == 0

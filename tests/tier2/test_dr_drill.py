@@ -19,7 +19,12 @@ from tests.relay.helpers import relay_inprocess
 from tests.restore.helpers import backup_now, klio, output_of, restore_server, wait_ready
 from tests.restore.test_drill import mark
 from tests.tier2.helpers import dr_config, wait_relayed
-from tests.wal_receiver.helpers import archive_of, load, receiver_inprocess, wait_closed
+from tests.wal_receiver.helpers import (
+    archive_of,
+    close_segment,
+    load,
+    receiver_inprocess,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -58,9 +63,7 @@ def test_restore_from_the_bucket_alone(
         for row in range(3, 11):
             marks[row] = mark(pg, row)
         load_run.join(120)
-        end = pg.current_lsn()
-        pg.switch_wal()
-        wait_closed(settings, end)
+        close_segment(pg, settings)
         last = archive_of(settings).list_segments()[-1].name
         wait_relayed(nats_server.url, backup.id, last)
 

@@ -151,6 +151,18 @@ def wait_closed(
     )
 
 
+def close_segment(pg: Any, settings: Settings, *, cluster: str = "main") -> str:
+    """Switch WAL on ``pg`` and wait until the segment it finished is closed in the archive.
+
+    Returns:
+        That segment's name (as ``pg_walfile_name(pg_switch_wal())`` gives it).
+    """
+    end = pg.current_lsn()
+    name: str = pg.switch_wal()
+    wait_closed(settings, end, cluster=cluster)
+    return name
+
+
 def wait_segment(
     settings: Settings, name: str, *, timeout: float = 60, cluster: str = "main"
 ) -> None:

@@ -17,13 +17,13 @@ from tests.wal_receiver.helpers import (
     ReceiverProcess,
     archive_end,
     archive_of,
+    close_segment,
     keyring_of,
     load,
     postgres_dir,
     receiver_inprocess,
     restored_server,
     wait_archived,
-    wait_closed,
     wal_restore,
     wal_verify,
     write_config,
@@ -140,9 +140,7 @@ def test_restore_from_archive_reaches_last_commit(
         pg.pgbench(clients=2, transactions=200)
         pg.execute("INSERT INTO marker SELECT g, 'row ' || g FROM generate_series(1, 1000) g")
         expected = pg.sql("SELECT count(*), sum(abalance) FROM pgbench_accounts")[0]
-        end = pg.current_lsn()
-        pg.switch_wal()
-        wait_closed(settings, end)
+        close_segment(pg, settings)
     restored = restored_server(
         workdir, backup, restore_command=f"{KLIO} --config {config} wal-restore %f %p"
     )
@@ -231,9 +229,7 @@ def test_a_partial_left_beside_its_closed_segment_is_removed_on_start(
     )
     settings = load(config)
     with receiver_inprocess(settings):
-        end = pg.current_lsn()
-        pg.switch_wal()
-        wait_closed(settings, end)
+        close_segment(pg, settings)
     archive = archive_of(settings)
     closed = archive.list_segments()[-1]
     digest = archive.header(archive.segment_path(closed.name)).plaintext_sha256
@@ -241,9 +237,7 @@ def test_a_partial_left_beside_its_closed_segment_is_removed_on_start(
     leftover.parent.mkdir(exist_ok=True)
     leftover.write_bytes(b"whatever a crash left: it must not be read")
     with receiver_inprocess(settings):
-        end = pg.current_lsn()
-        pg.switch_wal()
-        wait_closed(settings, end)
+        close_segment(pg, settings)
     assert not leftover.exists()
     assert archive.header(archive.segment_path(closed.name)).plaintext_sha256 == digest
     numbers = [s.segno for s in archive.list_segments()]

@@ -23,6 +23,7 @@ from tests.wal_receiver.helpers import (
     announced,
     archive_end,
     archive_of,
+    close_segment,
     load,
     random_row,
     receiver_inprocess,
@@ -139,9 +140,7 @@ def test_wal_restore_into_a_full_pg_wal_stops_recovery_and_leaves_nothing(
     )
     settings = load(config)
     with receiver_inprocess(settings):
-        end = pg.current_lsn()
-        name = pg.switch_wal()
-        wait_closed(settings, end)
+        name = close_segment(pg, settings)
     pg_wal = small_volume(4, "pg_wal")  # smaller than one 16 MB segment
     done = wal_restore(config, name, pg_wal.path / "RECOVERYXLOG", prefetch=0)
     assert done.returncode == 150, done  # above 125: PostgreSQL stops instead of promoting

@@ -17,6 +17,7 @@ from tests.wal_receiver.helpers import (
     ReceiverProcess,
     archive_end,
     archive_of,
+    close_segment,
     load,
     postgres_dir,
     receiver_inprocess,
@@ -114,9 +115,7 @@ def test_follows_promoted_standby_onto_timeline_2(
     with receiver_inprocess(settings):
         pg.execute("CREATE TABLE marker (id int, tli int)")
         pg.execute("INSERT INTO marker SELECT g, 1 FROM generate_series(1, 100) g")
-        end = pg.current_lsn()
-        pg.switch_wal()
-        wait_closed(settings, end)
+        close_segment(pg, settings)
     pg.stop()
     standby.promote()
     standby.execute("SELECT pg_create_physical_replication_slot('klio', true)")
@@ -171,9 +170,7 @@ def test_synchronous_receiver_rides_out_a_primary_restart(
         pg.stop("fast")
         pg.start()
         pg.execute("INSERT INTO r SELECT g FROM generate_series(1001, 2000) g")
-        end = pg.current_lsn()
-        pg.switch_wal()
-        wait_closed(settings, end)
+        close_segment(pg, settings)
     archive = archive_of(settings)
     numbers = [s.segno for s in archive.list_segments()]
     assert numbers == list(range(numbers[0], numbers[-1] + 1)), "gap in the archive"
